@@ -1,0 +1,156 @@
+"""Plain-torch versions of every op: the tests' oracle, the fallback, and the benchmarks' baseline.
+
+They follow the op specifications in ``dlmom.ops`` exactly (tie order, masking, rounding), favouring
+clarity over speed. ``DLMOM_BACKEND=reference`` makes ``dlmom.ops`` use them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .op_types import Packet, QuantizedKV
+
+
+def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """scale * sum_i probs[..., i] * weight[ids[..., i]], accumulated in fp32, returned in weight.dtype."""
+    rows = weight[ids.long()].float()  # [..., k, D]
+    out = scale * (probs.float().unsqueeze(-1) * rows).sum(-2)
+    return out.to(weight.dtype)
+
+
+def entropy_normalised(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits) over the last dim, divided by log V (0 when V == 1)."""
+    x = logits.float()
+    logp = torch.log_softmax(x, dim=-1)
+    p = logp.exp()
+    h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # A row with NaN, +inf or no finite entry has no distribution: NaN, which dlmom.ops turns into an error.
+    bad = torch.isnan(x).any(-1) | (x == math.inf).any(-1) | ~torch.isfinite(x).any(-1)
+    h = torch.where(bad, torch.full_like(h, math.nan), h)
+    V = x.shape[-1]
+    return h / math.log(V) if V > 1 else h  # V == 1: h is 0 (or NaN for a bad row)
+
+
+def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p: float = 1.0) -> Packet:
+    """Top-k of softmax(logits / temperature), top-p truncated and renormalised; entropy at temperature 1.
+
+    top_p acts on the top-k distribution renormalised (as transformers' TopK then TopP warpers do): an
+    entry is kept when the mass before it is < top_p.
+    """
+    x = logits.float()
+    vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)  # stable: ties -> lower id first
+    vals, ids = vals[..., :k], ids[..., :k]
+    if temperature == 0:
+        probs = torch.zeros_like(vals)
+        probs[..., 0] = 1.0
+    else:
+        probs = torch.softmax(vals / temperature, dim=-1)
+        if top_p < 1.0:
+            before = torch.cumsum(probs, dim=-1) - probs
+            probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
+            probs = probs / probs.sum(-1, keepdim=True)
+    return Packet(ids, probs, entropy_normalised(x))
+
+
+def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Contrastive TIES over experts: [E, ..., V] -> [..., V] float32.
+
+    v = x - mean_finite(x); |v| < theta -> 0; elected = sign(sum_e w_e sign(v_e)) ("vote") or
+    sign(sum_e w_e v_e) ("mass"); merged = sum of w_e v_e over experts with sign(v_e) == elected != 0,
+    divided by the sum of their w_e (0 where none). A token that any expert masks with -inf is -inf.
+    """
+    x = logits.float()
+    E = x.shape[0]
+    finite = torch.isfinite(x)
+    count = finite.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / count
+    v = torch.where(finite, x - mean, torch.zeros_like(x))
+    v = torch.where(v.abs() >= theta, v, torch.zeros_like(v))
+    w = torch.ones(E, device=x.device) if weights is None else weights.float()
+    w = w.view(E, *([1] * (x.dim() - 1)))
+    s = torch.sign(v)
+    elected = torch.sign((w * s).sum(0) if elect == "vote" else (w * v).sum(0))
+    agree = (s == elected) & (elected != 0)
+    num = torch.where(agree, w * v, torch.zeros_like(v)).sum(0)
+    den = torch.where(agree, w.expand_as(v), torch.zeros_like(v)).sum(0)
+    merged = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+    masked = (x == -math.inf).any(0)
+    return torch.where(masked, torch.full_like(merged, -math.inf), merged)
+
+
+# ---- 2-bit KV quantisation ----
+
+def canonical_3d(shape: torch.Size, axis: int) -> tuple[int, int, int]:
+    """(R, L, C): the tensor seen as [R, L, C] with the quantised axis in the middle."""
+    if axis == -1:
+        return math.prod(shape[:-1]), shape[-1], 1
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def _step_down(t: torch.Tensor) -> torch.Tensor:
+    """The next representable value towards -inf of a float16 / bfloat16 tensor."""
+    b = t.view(torch.int16)
+    b = torch.where(b > 0, b - 1, torch.where(b == 0, torch.full_like(b, -32767), b + 1))
+    return b.view(t.dtype)
+
+
+def _step_up(t: torch.Tensor) -> torch.Tensor:
+    """The next representable value towards +inf of a non-negative float16 / bfloat16 tensor."""
+    return (t.view(torch.int16) + 1).view(t.dtype)
+
+
+def kv_scale_zero(mn: torch.Tensor, mx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of groups with minimum mn and maximum mx, stored in ``dtype``.
+
+    zero = min and scale = (max - zero) / 3, rounded outward to ``dtype`` (zero down, scale up) so
+    every element of the group stays within half a step of its code.
+    """
+    if dtype == torch.float32:
+        return (mx - mn) / 3, mn
+    zero = mn.to(dtype)
+    zero = torch.where(zero.float() > mn, _step_down(zero), zero)
+    s32 = (mx - zero.float()) / 3
+    scale = s32.to(dtype)
+    scale = torch.where(scale.float() < s32, _step_up(scale), scale)
+    return scale, zero
+
+
+def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> QuantizedKV:
+    """Asymmetric 2-bit min-max quantisation in groups of ``group_size`` along ``axis`` (-1 or -2).
+
+    code = clamp(rint((x - zero) / scale), 0, 3) (0 where scale == 0); the last group may be shorter.
+    """
+    R, L, C = canonical_3d(x.shape, axis)
+    G = group_size
+    ng, nb = -(-L // G), -(-L // 4)
+    x3 = x.reshape(R, L, C).float()
+    pad = ng * G - L
+    lo = torch.nn.functional.pad(x3, (0, 0, 0, pad), value=math.inf).view(R, ng, G, C).amin(2)
+    hi = torch.nn.functional.pad(x3, (0, 0, 0, pad), value=-math.inf).view(R, ng, G, C).amax(2)
+    scale, zero = kv_scale_zero(lo, hi, x.dtype)
+    s = scale.float().repeat_interleave(G, dim=1)[:, :L]
+    z = zero.float().repeat_interleave(G, dim=1)[:, :L]
+    codes = torch.where(s > 0, torch.round((x3 - z) / torch.where(s > 0, s, 1.0)), torch.zeros_like(x3))
+    codes = codes.clamp(0, 3).to(torch.uint8)
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, nb * 4 - L)).view(R, nb, 4, C)
+    packed = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
+    lead = x.shape[:-1] if axis == -1 else x.shape[:-2]
+    tail = (nb,) if axis == -1 else (nb, x.shape[-1])
+    gtail = (ng,) if axis == -1 else (ng, x.shape[-1])
+    return QuantizedKV(packed.reshape(*lead, *tail), scale.reshape(*lead, *gtail), zero.reshape(*lead, *gtail),
+                       x.shape, axis, G)
+
+
+def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """code * scale + zero, in ``dtype`` (default: the quantised tensor's dtype)."""
+    R, L, C = canonical_3d(q.shape, q.axis)
+    G = q.group_size
+    nb = -(-L // 4)
+    b = q.codes.reshape(R, nb, 1, C)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
+    codes = ((b >> shifts) & 3).reshape(R, nb * 4, C)[:, :L].float()
+    s = q.scale.reshape(R, -1, C).float().repeat_interleave(G, dim=1)[:, :L]
+    z = q.zero.reshape(R, -1, C).float().repeat_interleave(G, dim=1)[:, :L]
+    return (codes * s + z).to(dtype or q.scale.dtype).reshape(q.shape)

@@ -1,0 +1,29 @@
+"""Shared test axes: devices, dtypes, per-dtype tolerances and non-contiguous inputs."""
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine"))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Tolerances for a result computed in fp32 from inputs of this dtype, then stored in it.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as t, as a slice of a wider tensor: strided rows (last dim still unit stride)."""
+    wide = torch.empty(*t.shape[:-1], t.shape[-1] + 7, dtype=t.dtype, device=t.device)
+    wide[..., : t.shape[-1]] = t
+    view = wide[..., : t.shape[-1]]
+    assert t.dim() < 2 or t.shape[-1] == 0 or not view.is_contiguous(), "expected a non-contiguous view"
+    return view
+
+
+def layout(t: torch.Tensor, contiguous: bool) -> torch.Tensor:
+    return t if contiguous else noncontiguous(t)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_backend(monkeypatch):
+    """Tests run the kernels unless they set DLMOM_BACKEND themselves."""
+    monkeypatch.delenv("DLMOM_BACKEND", raising=False)
