@@ -1,10 +1,77 @@
-// TEMPORARY placeholder until the kernel lands.
+// soft_embed on the CPU: rows of the batch (and column tiles) in parallel, fp32 accumulation in a tile
+// that stays in L1 while the k embedding rows stream through.
 #include "../ops.h"
+#include "../soft_embed.h"
 
 namespace dlmom {
+namespace {
+
+constexpr const char* kOp = "soft_embed";
+
+template <typename W, typename P, typename I>
+__attribute__((target_clones("avx2", "default")))
+void soft_embed_rows(const I* ids, int64_t ids_s0, const P* probs, int64_t probs_s0, const W* weight, int64_t w_s0,
+                     W* out, int64_t out_s0, int64_t B, int64_t k, int64_t D, float scale) {
+  const int64_t tiles = (D + kSoftEmbedTile - 1) / kSoftEmbedTile;
+  // Parallel only when the work pays for waking the threads.
+#pragma omp parallel for collapse(2) schedule(static) if (B * k * D > (1 << 15))
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t d0 = t * kSoftEmbedTile, n = (D - d0 < kSoftEmbedTile) ? D - d0 : kSoftEmbedTile;
+      float acc[kSoftEmbedTile];
+      for (int64_t d = 0; d < n; ++d) acc[d] = 0.f;
+      for (int64_t i = 0; i < k; ++i) {
+        const float w = to_float(probs[b * probs_s0 + i]);
+        soft_embed_axpy(acc, weight + load_id(ids + b * ids_s0, i) * w_s0 + d0, w, n);
+      }
+      W* o = out + b * out_s0 + d0;
+      for (int64_t d = 0; d < n; ++d) o[d] = from_float<W>(scale * acc[d]);
+    }
+  }
+}
+
+template <typename I>
+void check_ids(const View& ids, int64_t V) {
+  // Before the parallel region: an exception must not cross an OpenMP boundary.
+  for (int64_t b = 0; b < ids.size[0]; ++b) {
+    const I* row = static_cast<const I*>(ids.data) + b * ids.stride[0];
+    for (int64_t i = 0; i < ids.size[1]; ++i) {
+      const int64_t id = load_id(row, i);
+      DLMOM_CHECK(id >= 0 && id < V, kOp, "ids must be in [0, V=", V, "), got ", id, " at [", b, ", ", i, "]");
+    }
+  }
+}
+
+}  // namespace
 
 void soft_embed_cpu(const View& ids, const View& probs, const View& weight, float scale, const View& out) {
-  fail("soft_embed", "not implemented yet");
+  check_view(ids, kOp, "ids", 2);    // [B, k]
+  check_view(probs, kOp, "probs", 2);  // [B, k]
+  check_view(weight, kOp, "weight", 2);  // [V, D]
+  check_view(out, kOp, "out", 2);    // [B, D]
+  DLMOM_CHECK(ids.dtype == DType::i32 || ids.dtype == DType::i64, kOp, "ids must be int32 or int64, got ",
+              dtype_name(ids.dtype));
+  check_float(probs, kOp, "probs");
+  check_float(weight, kOp, "weight");
+  check_dtype(out, weight.dtype, kOp, "out");
+  const int64_t B = ids.size[0], k = ids.size[1], V = weight.size[0], D = weight.size[1];
+  DLMOM_CHECK(probs.size[0] == B && probs.size[1] == k, kOp, "probs must be [", B, ", ", k, "], got [",
+              probs.size[0], ", ", probs.size[1], "]");
+  DLMOM_CHECK(out.size[0] == B && out.size[1] == D, kOp, "out must be [", B, ", ", D, "], got [", out.size[0],
+              ", ", out.size[1], "]");
+  if (ids.dtype == DType::i32) check_ids<int32_t>(ids, V); else check_ids<int64_t>(ids, V);
+  DLMOM_DISPATCH_FLOAT(weight.dtype, W, kOp, {
+    DLMOM_DISPATCH_FLOAT(probs.dtype, P, kOp, {
+      if (ids.dtype == DType::i32)
+        soft_embed_rows(static_cast<const int32_t*>(ids.data), ids.stride[0], static_cast<const P*>(probs.data),
+                        probs.stride[0], static_cast<const W*>(weight.data), weight.stride[0],
+                        static_cast<W*>(out.data), out.stride[0], B, k, D, scale);
+      else
+        soft_embed_rows(static_cast<const int64_t*>(ids.data), ids.stride[0], static_cast<const P*>(probs.data),
+                        probs.stride[0], static_cast<const W*>(weight.data), weight.stride[0],
+                        static_cast<W*>(out.data), out.stride[0], B, k, D, scale);
+    });
+  });
 }
 
 }  // namespace dlmom

@@ -1,11 +1,77 @@
-// TEMPORARY placeholder until the kernel lands.
+// soft_embed on the GPU: one thread per output column, blocks over (column tiles, batch rows). The packet
+// of a row (ids, probs) is staged in shared memory; the weight rows are read coalesced along D.
 #include "../ops.h"
+#include "../soft_embed.h"
 #include "cuda_common.cuh"
 
 namespace dlmom {
+namespace {
 
-void soft_embed_cuda(const View& ids, const View& probs, const View& weight, float scale, const View& out, void* stream) {
-  fail("soft_embed", "not implemented yet");
+constexpr const char* kOp = "soft_embed";
+constexpr int kThreads = 256;
+
+template <typename W, typename P, typename I>
+__global__ void soft_embed_kernel(const I* __restrict__ ids, int64_t ids_s0, const P* __restrict__ probs,
+                                  int64_t probs_s0, const W* __restrict__ weight, int64_t w_s0, int64_t V,
+                                  W* __restrict__ out, int64_t out_s0, int64_t B, int64_t k, int64_t D, float scale) {
+  __shared__ int64_t s_id[kThreads];
+  __shared__ float s_p[kThreads];
+  const int64_t d = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    float acc = 0.f;
+    for (int64_t i0 = 0; i0 < k; i0 += kThreads) {
+      const int64_t n = (k - i0 < kThreads) ? k - i0 : kThreads;
+      if (threadIdx.x < n) {
+        s_id[threadIdx.x] = load_id(ids + b * ids_s0, i0 + threadIdx.x);
+        s_p[threadIdx.x] = to_float(probs[b * probs_s0 + i0 + threadIdx.x]);
+      }
+      __syncthreads();
+      if (d < D) {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t id = s_id[i];
+          // Python validated the ids; an out-of-range id still never reads out of bounds.
+          if (id >= 0 && id < V) acc += s_p[i] * to_float(weight[id * w_s0 + d]);
+        }
+      }
+      __syncthreads();
+    }
+    if (d < D) out[b * out_s0 + d] = from_float<W>(scale * acc);
+  }
+}
+
+}  // namespace
+
+void soft_embed_cuda(const View& ids, const View& probs, const View& weight, float scale, const View& out,
+                     void* stream) {
+  check_view(ids, kOp, "ids", 2);        // [B, k]
+  check_view(probs, kOp, "probs", 2);    // [B, k]
+  check_view(weight, kOp, "weight", 2);  // [V, D]
+  check_view(out, kOp, "out", 2);        // [B, D]
+  DLMOM_CHECK(ids.dtype == DType::i32 || ids.dtype == DType::i64, kOp, "ids must be int32 or int64, got ",
+              dtype_name(ids.dtype));
+  check_float(probs, kOp, "probs");
+  check_float(weight, kOp, "weight");
+  check_dtype(out, weight.dtype, kOp, "out");
+  const int64_t B = ids.size[0], k = ids.size[1], V = weight.size[0], D = weight.size[1];
+  DLMOM_CHECK(probs.size[0] == B && probs.size[1] == k, kOp, "probs must be [", B, ", ", k, "]");
+  DLMOM_CHECK(out.size[0] == B && out.size[1] == D, kOp, "out must be [", B, ", ", D, "]");
+  if (B == 0 || D == 0) return;
+  const dim3 grid(unsigned((D + kThreads - 1) / kThreads), unsigned(B < 65535 ? B : 65535));
+  DLMOM_DISPATCH_FLOAT(weight.dtype, W, kOp, {
+    DLMOM_DISPATCH_FLOAT(probs.dtype, P, kOp, {
+      if (ids.dtype == DType::i32)
+        soft_embed_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
+            static_cast<const int32_t*>(ids.data), ids.stride[0], static_cast<const P*>(probs.data), probs.stride[0],
+            static_cast<const W*>(weight.data), weight.stride[0], V, static_cast<W*>(out.data), out.stride[0], B, k,
+            D, scale);
+      else
+        soft_embed_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
+            static_cast<const int64_t*>(ids.data), ids.stride[0], static_cast<const P*>(probs.data), probs.stride[0],
+            static_cast<const W*>(weight.data), weight.stride[0], V, static_cast<W*>(out.data), out.stride[0], B, k,
+            D, scale);
+    });
+  });
+  check_launch(kOp);
 }
 
 }  // namespace dlmom

@@ -147,16 +147,17 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     V, D = weight.shape
     if ids.shape[-1] < 1:
         raise ValueError(f"{op}: ids must hold at least one id per row, got shape {tuple(ids.shape)}")
-    if ids.numel():
-        lo, hi = torch.aminmax(ids)
-        if int(lo) < 0 or int(hi) >= V:
-            raise ValueError(f"{op}: ids must be in [0, V={V}), got values in [{int(lo)}, {int(hi)}]")
     lead = ids.shape[:-1]
     if out is not None:
         _check_tensor(op, "out", out, dtypes=(weight.dtype,))
         if out.shape != (*lead, D):
             raise ValueError(f"{op}: out must have shape {(*lead, D)}, got {tuple(out.shape)}")
     mod = _kernels_for(op, weight)
+    # The C++ kernel checks the id range while it reads them; elsewhere check here (a sync on CUDA).
+    if (mod is None or weight.device.type != "cpu") and ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= V:
+            raise ValueError(f"{op}: ids must be in [0, V={V}), got values in [{int(lo)}, {int(hi)}]")
     if mod is None:
         result = reference.soft_embed(ids, probs, weight, scale=scale)
         return result if out is None else out.copy_(result)

@@ -1,0 +1,145 @@
+"""soft_embed kernel vs the fp32 reference over dtype x shape x layout, plus the embedding-layer identity."""
+import math
+
+import pytest
+import torch
+
+import dlmom
+from dlmom import ops
+from conftest import DEVICES, DTYPES, TOL, layout
+
+
+def reference_fp32(ids, probs, weight, scale):
+    # The oracle at the top, computed in fp32 from the same inputs.
+    return scale * (probs.float().unsqueeze(-1) * weight.float()[ids.long()]).sum(-2)
+
+
+def make(B, k, V, D, dtype, device, ids_dtype=torch.int64, probs_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, k), generator=g).to(ids_dtype)
+    probs = torch.softmax(torch.randn(B, k, generator=g), -1).to(probs_dtype)
+    weight = torch.randn(V, D, generator=g).to(dtype)
+    return ids.to(device), probs.to(device), weight.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("k", [1, 50])
+@pytest.mark.parametrize("D", [64, 576, 896])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_matches_reference(device, dtype, B, k, D, contiguous):
+    ids, probs, weight = make(B, k, 1000, D, dtype, device)
+    scale = 1.5
+    got = dlmom.soft_embed(layout(ids, contiguous), layout(probs, contiguous), layout(weight, contiguous),
+                           scale=scale)
+    assert got.dtype == dtype and got.shape == (B, D)
+    torch.testing.assert_close(got.float(), reference_fp32(ids, probs, weight, scale), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("probs_dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 50257])
+def test_id_and_prob_dtypes(device, ids_dtype, probs_dtype, V):
+    ids, probs, weight = make(3, 4, V, 96, torch.float32, device, ids_dtype, probs_dtype)
+    got = dlmom.soft_embed(ids, probs, weight)
+    torch.testing.assert_close(got, reference_fp32(ids, probs, weight, 1.0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_module(device):
+    # dlmom.reference is the fallback: it must agree with the kernel too.
+    ids, probs, weight = make(5, 9, 300, 130, torch.bfloat16, device)
+    torch.testing.assert_close(dlmom.soft_embed(ids, probs, weight, scale=0.5),
+                               dlmom.reference.soft_embed(ids, probs, weight, scale=0.5), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_hot_packet_is_the_embedding_layer(device, dtype):
+    # A token is the packet {(id, 1.0)}: with Gemma's scale it equals the scaled embedding layer exactly.
+    emb = torch.nn.Embedding(321, 64).to(device=device, dtype=dtype)
+    ids = torch.tensor([[5], [0], [320]], device=device)
+    scale = math.sqrt(64)
+    expected = (emb(ids[:, 0]).float() * scale).to(dtype)
+    got = dlmom.soft_embed(ids, torch.ones(3, 1, device=device), emb.weight, scale=scale)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dims_and_out(device):
+    ids, probs, weight = make(6, 3, 50, 33, torch.float32, device)
+    ids, probs = ids.view(2, 3, 3), probs.view(2, 3, 3)
+    expected = reference_fp32(ids, probs, weight, 2.0)
+    got = dlmom.soft_embed(ids, probs, weight, scale=2.0)
+    assert got.shape == (2, 3, 33)
+    torch.testing.assert_close(got, expected)
+    out = torch.full((2, 3, 33), float("nan"), device=device)
+    assert dlmom.soft_embed(ids, probs, weight, scale=2.0, out=out) is out
+    torch.testing.assert_close(out, expected)
+    strided = torch.full((2, 3, 40), float("nan"), device=device)[..., :33]
+    assert dlmom.soft_embed(ids, probs, weight, scale=2.0, out=strided) is strided
+    torch.testing.assert_close(strided, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probabilities_need_not_sum_to_one(device):
+    ids = torch.tensor([[1, 1, 2]], device=device)
+    weight = torch.arange(12.0, device=device).view(4, 3)
+    got = dlmom.soft_embed(ids, torch.tensor([[0.25, 0.5, -1.0]], device=device), weight)
+    torch.testing.assert_close(got, 0.75 * weight[1:2] - weight[2:3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_backend_gives_the_same(device, monkeypatch):
+    ids, probs, weight = make(4, 5, 100, 70, torch.float32, device)
+    kernel = dlmom.soft_embed(ids, probs, weight)
+    monkeypatch.setenv("DLMOM_BACKEND", "reference")
+    torch.testing.assert_close(dlmom.soft_embed(ids, probs, weight), kernel)
+
+
+W = torch.randn(10, 4)
+IDS = torch.tensor([[1, 2]])
+P = torch.tensor([[0.5, 0.5]])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ids=IDS.float()), "ids must be one of int32, int64, got float32"),
+    (dict(ids=torch.tensor(3)), "ids must have at least 1 dims"),
+    (dict(probs=P.long()), "probs must be one of float32, float16, bfloat16, got int64"),
+    (dict(probs=torch.ones(1, 3)), r"probs must have the shape of ids \(1, 2\), got \(1, 3\)"),
+    (dict(weight=torch.randn(10)), r"weight must have 2 dims, got shape \(10,\)"),
+    (dict(weight=torch.randn(10, 4).long()), "weight must be one of float32"),
+    (dict(ids=torch.tensor([[1, 10]])), r"ids must be in \[0, V=10\)"),
+    (dict(ids=torch.tensor([[-1, 2]])), r"ids must be in \[0, V=10\)"),
+    (dict(ids=torch.zeros(1, 0, dtype=torch.long), probs=torch.zeros(1, 0)), "at least one id per row"),
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale="2"), "scale must be a finite number"),
+    (dict(weight=[[1.0]]), "weight must be a torch.Tensor, got list"),
+    (dict(out=torch.empty(1, 5)), r"out must have shape \(1, 4\)"),
+    (dict(out=torch.empty(1, 4, dtype=torch.float16)), "out must be one of float32, got float16"),
+])
+def test_bad_inputs(backend, kwargs, message, monkeypatch):
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    args = dict(ids=IDS, probs=P, weight=W, scale=1.0, out=None) | kwargs
+    with pytest.raises(ValueError, match=message):
+        dlmom.soft_embed(args["ids"], args["probs"], args["weight"], scale=args["scale"], out=args["out"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_devices_must_match():
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        dlmom.soft_embed(IDS.cuda(), P.cuda(), W)
+
+
+def test_binding_checks_again():
+    mod = ops.native_module("cpu")
+    out, bad_ids = torch.empty(1, 4), torch.tensor([[12, 0]])  # kept alive: a view is only a pointer
+    with pytest.raises(ValueError, match=r"soft_embed: ids must be in \[0, V=10\), got 12 at \[0, 0\]"):
+        mod.soft_embed(ops._view(bad_ids), ops._view(P), ops._view(W), 1.0, ops._view(out))
+    with pytest.raises(ValueError, match="soft_embed: out must be float32, got float16"):
+        mod.soft_embed(ops._view(IDS), ops._view(P), ops._view(W), 1.0, ops._view(out.half()))
+    with pytest.raises(ValueError, match=r"soft_embed: probs must be \[1, 2\]"):
+        mod.soft_embed(ops._view(IDS), ops._view(torch.ones(2, 2)), ops._view(W), 1.0, ops._view(out))
