@@ -5,8 +5,8 @@
 
 namespace dlmom {
 
-// Columns one CPU pass accumulates at once: fits L1 with room for the k weight rows streaming through.
-constexpr int64_t kSoftEmbedTile = 512;
+// Columns the CPU kernel keeps in registers while the k weight rows stream through (8 AVX2 registers).
+constexpr int64_t kSoftEmbedBlock = 64;
 
 template <typename I>
 DLMOM_HD int64_t load_id(const I* ids, int64_t i) { return static_cast<int64_t>(ids[i]); }
