@@ -15,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 OPS = ("soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2")
 
 __all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2", "Packet", "QuantizedKV",
-           "reference", "backend_info", "__version__"]
+           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Expert"]
 
 
 def backend_info() -> dict:
@@ -45,3 +45,16 @@ def backend_info() -> dict:
         "cuda_architectures": getattr(cuda, "cuda_architectures", "").split(",") if cuda is not None else [],
         "ops": {op: {"cpu": impl("cpu"), "cuda": impl("cuda")} for op in OPS},
     }
+
+
+def __getattr__(name):
+    # The engine pulls in transformers: import it on first use, so the ops stay light to import.
+    if name in ("DLMoM", "DLMoMConfig", "Result"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "Expert":
+        from .experts import Expert
+
+        return Expert
+    raise AttributeError(f"module 'dlmom' has no attribute {name!r}")

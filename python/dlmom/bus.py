@@ -1,0 +1,60 @@
+"""The latent bus: packets between experts (with their byte counts) and the Text-Bridge.
+
+Experts that share a vocabulary receive the step's packet (ids, probs) directly. An expert with another
+tokenizer is fed by the Text-Bridge: the step's top-1 token, decoded to text with the primary tokenizer
+and re-encoded with its own, so its KV cache follows the same text.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def packet_bytes(ids: torch.Tensor, probs: torch.Tensor) -> int:
+    """Bytes of one row's packet as sent: k ids plus k probabilities, at their element sizes."""
+    return ids.shape[-1] * (ids.element_size() + probs.element_size())
+
+
+class TextBridge:
+    """Turns the primary token stream of each row into new tokens of another tokenizer."""
+
+    def __init__(self, source_tokenizer, target_tokenizer, batch: int):
+        self.source = source_tokenizer
+        self.target = target_tokenizer
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.sent: list[str] = [""] * batch  # text already fed to the target
+
+    def push(self, ids: list[int | None]) -> tuple[list[list[int]], int]:
+        """Append each row's token (None: nothing this step); return the target ids to feed per row and the
+        bytes of text that crossed the bridge."""
+        fed, nbytes = [], 0
+        for row, tok in enumerate(ids):
+            if tok is not None:
+                self.tokens[row].append(int(tok))
+            text = self.source.decode(self.tokens[row], skip_special_tokens=True)
+            # Hold back an incomplete multi-byte character until its last byte arrives.
+            if text.endswith("\ufffd") or not text.startswith(self.sent[row]):
+                fed.append([])
+                continue
+            delta = text[len(self.sent[row]):]
+            self.sent[row] = text
+            nbytes += len(delta.encode())
+            fed.append(self.target.encode(delta, add_special_tokens=False) if delta else [])
+        return fed, nbytes
+
+
+def vocab_alignment(source_tokenizer, target_tokenizer, source_size: int) -> torch.Tensor:
+    """[source_size] int64: for each source token id, the target id with the same text, or -1."""
+    target_index: dict[str, int] = {}
+    for i, text in enumerate(target_tokenizer.batch_decode([[i] for i in range(len(target_tokenizer))])):
+        target_index.setdefault(text, i)
+    texts = source_tokenizer.batch_decode([[i] for i in range(source_size)])
+    return torch.tensor([target_index.get(t, -1) for t in texts], dtype=torch.long)
+
+
+def align_logits(logits: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """[B, V_target] logits -> [B, V_source] on the source vocabulary via ``mapping``; a token the target
+    cannot spell gets the row's lowest finite logit: a vote against it, never a veto (-inf)."""
+    x = logits.float()
+    floor = torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf"))).amin(-1, keepdim=True)
+    out = x[:, mapping.clamp(min=0).to(x.device)]
+    return torch.where((mapping >= 0).to(x.device).view(1, -1), out, floor)

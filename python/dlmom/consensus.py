@@ -1,0 +1,34 @@
+"""Contrastive TIES consensus over the experts' next-token logits on the shared vocabulary."""
+from __future__ import annotations
+
+import torch
+
+from .ops import ties_merge
+
+
+def merge(logits: torch.Tensor, *, theta: float, elect: str, weights: torch.Tensor | None) -> torch.Tensor:
+    """[E, B, V] logits -> [B, V] merged float32.
+
+    One expert passes unchanged (consensus is the identity). ``weights`` is [E] or [E, B] (per-row router
+    weights); rows with the same weights share one ``ties_merge`` call.
+    """
+    if logits.shape[0] == 1:
+        return logits[0].float()
+    if weights is None or weights.dim() == 1:
+        return ties_merge(logits, theta=theta, elect=elect, weights=weights)
+    out = torch.empty(logits.shape[1:], dtype=torch.float32, device=logits.device)
+    columns = [tuple(weights[:, b].tolist()) for b in range(weights.shape[1])]
+    for key in dict.fromkeys(columns):
+        rows = torch.tensor([b for b, c in enumerate(columns) if c == key], device=logits.device)
+        out[rows] = ties_merge(logits[:, rows], theta=theta, elect=elect,
+                               weights=torch.tensor(key, dtype=torch.float32, device=logits.device))
+    return out
+
+
+def agreement(logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B]: the fraction of (active) experts whose own argmax is the chosen token."""
+    votes = (logits.argmax(-1) == chosen.view(1, -1)).float()  # [E, B]
+    if weights is None:
+        return votes.mean(0)
+    active = (weights.view(weights.shape[0], -1) > 0).float().expand_as(votes)
+    return (votes * active).sum(0) / active.sum(0).clamp(min=1)

