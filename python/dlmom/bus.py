@@ -15,31 +15,46 @@ def packet_bytes(ids: torch.Tensor, probs: torch.Tensor) -> int:
 
 
 class TextBridge:
-    """Turns the primary token stream of each row into new tokens of another tokenizer."""
+    """Turns the primary token stream of each row into new tokens of another tokenizer.
+
+    The whole text is re-encoded each step and only the tokens past those already fed are sent, so a
+    fragment never picks up a tokenizer's word-start marker of its own. When the new text re-tokenises
+    what was already fed (a merge across the boundary), the fragment alone is encoded instead and the
+    event is counted in ``resyncs``.
+    """
 
     def __init__(self, source_tokenizer, target_tokenizer, batch: int):
         self.source = source_tokenizer
         self.target = target_tokenizer
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.sent: list[str] = [""] * batch  # text already fed to the target
+        self.fed: list[list[int]] = [[] for _ in range(batch)]  # target ids fed (after the prompt)
+        self.resyncs = 0
 
     def push(self, ids: list[int | None]) -> tuple[list[list[int]], int]:
         """Append each row's token (None: nothing this step); return the target ids to feed per row and the
         bytes of text that crossed the bridge."""
-        fed, nbytes = [], 0
+        out, nbytes = [], 0
         for row, tok in enumerate(ids):
             if tok is not None:
                 self.tokens[row].append(int(tok))
             text = self.source.decode(self.tokens[row], skip_special_tokens=True)
             # Hold back an incomplete multi-byte character until its last byte arrives.
-            if text.endswith("\ufffd") or not text.startswith(self.sent[row]):
-                fed.append([])
+            if text.endswith("\ufffd") or not text.startswith(self.sent[row]) or text == self.sent[row]:
+                out.append([])
                 continue
-            delta = text[len(self.sent[row]):]
+            full = self.target.encode(text, add_special_tokens=False)
+            held = self.fed[row]
+            if full[:len(held)] == held:
+                new = full[len(held):]
+            else:
+                self.resyncs += 1
+                new = self.target.encode(text[len(self.sent[row]):], add_special_tokens=False)
+            nbytes += len(text[len(self.sent[row]):].encode())
             self.sent[row] = text
-            nbytes += len(delta.encode())
-            fed.append(self.target.encode(delta, add_special_tokens=False) if delta else [])
-        return fed, nbytes
+            held.extend(new)
+            out.append(new)
+        return out, nbytes
 
 
 def vocab_alignment(source_tokenizer, target_tokenizer, source_size: int) -> torch.Tensor:

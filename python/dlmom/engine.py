@@ -321,13 +321,15 @@ class DLMoM:
             bus_total += bridged_bytes
 
         usage = self._usage(start, bus_total, controller)
+        usage["bridge_resyncs"] = sum(bridge.resyncs for bridge in bridges.values())
         return [Result(texts[b], traces[b], route[b], usage) for b in range(B)]
 
     def _route(self, prompts, shown, route):
         """Score every expert on the preview; per prompt keep the best top_m. Returns (weights [E, B],
         engines still needed by some prompt)."""
         previews = [self._decode(s) for s in shown]
-        bpb = router.score(self.engines, prompts, previews, chat=self.config.chat)  # [E, B]
+        own_ids = [None if bridged else shown for bridged in self.bridged]
+        bpb = router.score(self.engines, prompts, previews, chat=self.config.chat, preview_ids=own_ids)  # [E, B]
         kept, weights = router.select(bpb, self.config.top_m)
         for b in range(len(prompts)):
             route[b].extend({"expert": e.name, "bits_per_byte": round(float(bpb[i, b]), 4), "kept": bool(kept[i, b]),

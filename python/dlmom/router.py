@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 
 
-def score(engines, prompts: list[str], previews: list[str], *, chat: bool) -> torch.Tensor:
-    """[E, B] bits per byte of each preview under each expert (engines' roles in order)."""
-    return torch.cat([engine.bits_per_byte(prompts, previews, chat=chat) for engine in engines], dim=0)
+def score(engines, prompts: list[str], previews: list[str], *, chat: bool,
+          preview_ids: list[list[list[int]] | None] | None = None) -> torch.Tensor:
+    """[E, B] bits per byte of each preview under each expert (engines' roles in order).
+    ``preview_ids[i]``: the previews as engine i's own token ids, or None to encode the text."""
+    ids = preview_ids or [None] * len(engines)
+    return torch.cat([engine.bits_per_byte(prompts, previews, chat=chat, continuation_ids=i)
+                      for engine, i in zip(engines, ids)], dim=0)
 
 
 def select(bpb: torch.Tensor, top_m: int | None) -> tuple[torch.Tensor, torch.Tensor]:

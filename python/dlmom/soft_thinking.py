@@ -76,7 +76,7 @@ class SoftThinkingEngine:
         """Prefill every role's prompt for every prompt; returns next-token logits [R, B, V_model]."""
         self.batch = len(prompts)
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
-        self.prompt_rows = rows
+        self.fed = [list(r) for r in rows]  # token ids each row's cache holds (token feeds only, not packets)
         ids, new_mask = _left_pad(rows, self.pad_id, self.device)
         self.cache = self._new_cache()
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
@@ -98,20 +98,26 @@ class SoftThinkingEngine:
         if not any(per_prompt):
             return None
         rows = per_prompt * self.roles
+        for held, new in zip(self.fed, rows):
+            held.extend(new)
         ids, new_mask = _left_pad(rows, self.pad_id, self.device)
         logits, self.mask, self.next_pos = self._run(new_mask, self.cache, self.mask, self.next_pos, 1,
                                                      input_ids=ids)
         self._count(self.decode_tokens, new_mask)
         return logits[:, -1].view(self.roles, self.batch, -1)
 
-    def bits_per_byte(self, prompts: list[str], continuations: list[str], *, chat: bool) -> torch.Tensor:
+    def bits_per_byte(self, prompts: list[str], continuations: list[str], *, chat: bool,
+                      continuation_ids: list[list[int]] | None = None) -> torch.Tensor:
         """[R, B]: -log2 p(continuation | prompt) per byte of continuation text, for every role, teacher-forced
-        in a fresh cache. Per byte, not per token: comparable across tokenizers."""
+        in a fresh cache. Per byte, not per token: comparable across tokenizers. ``continuation_ids``
+        (this model's own token ids of the continuations) skip re-encoding the text, which a continuation
+        that ends inside a multi-byte character would not survive."""
         rows, spans = [], []
         for e in self.experts:
-            for p, text in zip(prompts, continuations):
+            for i, (p, text) in enumerate(zip(prompts, continuations)):
                 head = e.prompt_ids(p, chat=chat)
-                tail = self.tokenizer.encode(text, add_special_tokens=False)
+                tail = list(continuation_ids[i]) if continuation_ids is not None else \
+                    self.tokenizer.encode(text, add_special_tokens=False)
                 rows.append(head + tail)
                 spans.append(len(tail))
         ids, mask = _left_pad(rows, self.pad_id, self.device)

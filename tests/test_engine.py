@@ -1,0 +1,155 @@
+"""The DL-MoM loop on tiny random models: exactness against transformers, batching, seeds, consensus,
+the Text-Bridge, and argument errors."""
+import copy
+
+import pytest
+import torch
+
+import dlmom
+from dlmom import DLMoM, DLMoMConfig, Expert
+from tiny_models import gemma3, hf_greedy, llama, tokenizer
+
+PROMPTS = ["What is 12 * 7?", "Add 3 to 5.", "Write a function that returns the sum of a list of numbers."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer("bytes", 300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return llama(tok, seed=0)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_explicit_greedy_equals_transformers_generate(model, tok, prompt):
+    moe = DLMoM([(model, tok)], config=DLMoMConfig(controller="explicit"))
+    assert moe.generate([prompt], max_new_tokens=24)[0].text == hf_greedy(model, tok, prompt, 24)
+
+
+@pytest.mark.parametrize("build", [llama, gemma3], ids=["llama", "gemma3-scaled-embeddings"])
+def test_latent_one_hot_packets_equal_generate(tok, build):
+    # top_k = 1 makes every latent packet one-hot: the soft-embedding path (and Gemma's embedding scale)
+    # must then reproduce plain greedy decoding exactly.
+    m = build(tok, seed=1)
+    moe = DLMoM([(m, tok)], config=DLMoMConfig(controller="latent", top_k=1, max_latent_steps=1000))
+    res = moe.generate([PROMPTS[0]], max_new_tokens=20)[0]
+    assert all(r["mode"] == "latent" for r in res.trace)
+    assert res.text == hf_greedy(m, tok, PROMPTS[0], 20)
+
+
+def test_gemma_embedding_scale_is_read_from_the_model(tok):
+    m = gemma3(tok)
+    assert Expert(m, tok).embed_scale == pytest.approx(64 ** 0.5, rel=1e-2)
+    assert Expert(llama(tok), tok).embed_scale == 1.0
+
+
+@pytest.mark.parametrize("controller", ["swir", "latent"])
+def test_batch_equals_one_prompt_at_a_time(model, tok, controller):
+    moe = DLMoM([(model, tok)], config=DLMoMConfig(controller=controller, top_k=4))
+    batch = [r.text for r in moe.generate(PROMPTS, max_new_tokens=16)]
+    single = [moe.generate([p], max_new_tokens=16)[0].text for p in PROMPTS]
+    assert batch == single
+
+
+@pytest.mark.parametrize("noise", ["gumbel", "dirichlet"])
+def test_same_seed_same_output_different_seed_differs(model, tok, noise):
+    moe = DLMoM([(model, tok)], config=DLMoMConfig(controller="swir", noise=noise, do_sample=True, top_k=8))
+    runs = {seed: [moe.generate([PROMPTS[0]], max_new_tokens=16, seed=seed)[0] for _ in range(2)] for seed in (0, 1)}
+    for seed, (a, b) in runs.items():
+        assert a.text == b.text and [r["top"] for r in a.trace] == [r["top"] for r in b.trace], seed
+    assert runs[0][0].text != runs[1][0].text
+
+
+def test_seed_leaves_the_global_rng_alone(model, tok):
+    moe = DLMoM([(model, tok)], config=DLMoMConfig(do_sample=True))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    moe.generate([PROMPTS[0]], max_new_tokens=3, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_identical_experts_agree_with_one(model, tok):
+    one = DLMoM([(model, tok)], config=DLMoMConfig(controller="explicit"))
+    expected = one.generate([PROMPTS[0]], max_new_tokens=16)[0].text
+    # Three roles of one model (one batched forward) and three separate copies (three forwards).
+    roles = DLMoM([Expert(model, tok, name=f"r{i}") for i in range(3)], config=DLMoMConfig(controller="explicit"))
+    copies = DLMoM([(copy.deepcopy(model), tok) for _ in range(3)], config=DLMoMConfig(controller="explicit"))
+    assert len(roles.engines) == 1 and len(copies.engines) == 3
+    for moe in (roles, copies):
+        res = moe.generate([PROMPTS[0]], max_new_tokens=16)[0]
+        assert res.text == expected
+        assert all(r["agreement"] == 1.0 for r in res.trace)
+
+
+def test_result_shape_trace_route_usage(tok):
+    experts = [Expert(llama(tok, seed=s), tok, name=f"e{s}") for s in (0, 1)]
+    moe = DLMoM(experts, config=DLMoMConfig(top_k=5, preview_tokens=3, top_m=1))
+    res = moe.generate(PROMPTS[:2], max_new_tokens=12)
+    assert len(res) == 2
+    r = res[0]
+    assert isinstance(r.text, str) and len(r.trace) >= 1
+    assert [t["mode"] for t in r.trace[:3]] == ["preview"] * 3
+    assert {"step", "mode", "entropy", "token", "top", "agreement", "switches", "bus_bytes"} <= set(r.trace[0])
+    assert 0.0 <= r.trace[0]["entropy"] <= 1.0 and len(r.trace[0]["top"]) == 5
+    assert [x["expert"] for x in r.route] == ["e0", "e1"] and sum(x["kept"] for x in r.route) == 1
+    assert {x["expert"] for x in r.usage["experts"]} == {"e0", "e1"}
+    assert r.usage["wall_s"] >= r.usage["expert_forward_s"] > 0
+    assert r.usage["bus_bytes"] > 0 and r.to_dict()["text"] == r.text
+
+
+def test_text_bridge_between_different_tokenizers():
+    a, b = tokenizer("bytes", 300), tokenizer("words", 420)
+    assert a.get_vocab() != b.get_vocab()
+    moe = DLMoM([(llama(a, seed=0), a), (llama(b, seed=1, extra_rows=13), b)],
+                config=DLMoMConfig(controller="explicit", preview_tokens=0))
+    assert moe.bridged == [False, True]
+    res = moe.generate(PROMPTS[:2], max_new_tokens=12)
+    bridged = moe.engines[1]
+    assert sum(u["decode_tokens"] for u in res[0].usage["experts"] if u["expert"] == moe.experts[1].name) > 0
+    # The bridged expert's cache holds its prompt plus the re-encoded text of what was generated (all of
+    # it but the last token, which no forward needed).
+    for row, r in enumerate(res):
+        prompt = moe.experts[1].prompt_ids(PROMPTS[row], chat=True)
+        assert bridged.fed[row][:len(prompt)] == prompt
+        followed = b.decode(bridged.fed[row][len(prompt):], skip_special_tokens=True)
+        assert followed and r.text.startswith(followed), (followed, r.text)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m, t: DLMoM([]), "at least one expert"),
+    (lambda m, t: DLMoM([(m, t)]).generate([], max_new_tokens=4), "prompts must be a non-empty list"),
+    (lambda m, t: DLMoM([(m, t)]).generate([""], max_new_tokens=4), "non-empty strings"),
+    (lambda m, t: DLMoM([(m, t)]).generate(["hi"], max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (lambda m, t: DLMoM([(m, t)]).generate(["hi"], max_new_tokens=2, stop=[""]), "stop must be"),
+    (lambda m, t: DLMoM([(m, t)]).generate(["hi"], max_new_tokens=2, seed="x"), "seed must be an integer"),
+    (lambda m, t: DLMoMConfig(controller="magic"), "controller must be one of"),
+    (lambda m, t: DLMoMConfig(top_k=0), "top_k must be an integer >= 1"),
+    (lambda m, t: DLMoMConfig(top_p=0), r"top_p must be a number in \(0, 1\]"),
+    (lambda m, t: DLMoMConfig(temperature=-1), "temperature must be"),
+    (lambda m, t: DLMoMConfig(noise="pink"), "noise must be one of"),
+    (lambda m, t: DLMoMConfig(elect="max"), "elect must be"),
+    (lambda m, t: DLMoMConfig(top_m=0), "top_m must be"),
+    (lambda m, t: DLMoM([(m, t), (copy.deepcopy(m).to("meta"), t)]), "experts must all be on one device"),
+    (lambda m, t: DLMoM([(m, t)], config={"top_k": 3}), "config must be a DLMoMConfig"),
+    (lambda m, t: DLMoM([42]), r"experts\[0\] must be an Expert"),
+    (lambda m, t: DLMoM(["/no/such/model.gguf"]), None),
+])
+def test_bad_arguments(model, tok, make, message):
+    if message is None:
+        with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+            make(model, tok)
+    else:
+        with pytest.raises(ValueError, match=message):
+            make(model, tok)
+
+
+def test_stop_string_ends_the_answer(model, tok):
+    moe = DLMoM([(model, tok)], config=DLMoMConfig(controller="explicit"))
+    full = moe.generate([PROMPTS[0]], max_new_tokens=24)[0].text
+    stop = full[5:8]
+    cut = moe.generate([PROMPTS[0]], max_new_tokens=24, stop=stop)[0].text
+    assert cut == full[:full.index(stop)]
+    assert dlmom.DLMoM is DLMoM
