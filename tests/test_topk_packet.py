@@ -19,7 +19,7 @@ def make(B, V, dtype, device, *, scale=3.0, seed=0):
 
 
 def rows(x, contiguous):
-    """conftest.layout, also for a single row, whose strided view torch calls contiguous (conftest asserts)."""
+    """conftest.layout, also for one row: torch calls its strided view contiguous, which conftest rejects."""
     if contiguous or x.dim() < 2 or x.shape[0] > 1:
         return layout(x, contiguous)
     wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 7, dtype=x.dtype, device=x.device)
@@ -261,8 +261,8 @@ def test_bad_input(device, backend, logits, kwargs, message, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("where", ["nan-late", "nan-in-masked-chunk", "nan-in-masked-row", "inf-in-masked-row",
-                                   "nan-first"])
+@pytest.mark.parametrize("where", ["nan-late", "nan-in-masked-chunk", "nan-in-masked-row",
+                                   "inf-in-masked-row", "nan-first"])
 def test_bad_rows_are_found_anywhere(device, dtype, where):
     # Rows that the candidate fast path skips still get checked: the NaN test runs on every chunk.
     x = torch.randn(4, 20000) - 10.0

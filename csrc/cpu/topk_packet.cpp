@@ -190,7 +190,8 @@ void run(const View& logits, int64_t k, float temperature, float top_p, const Vi
         OnlineSoftmax st = topk::online_empty();
         TopK top{heap, k};
         scan_segment(x + b * xs, 0, V, st, top);
-        finish_row(heap, top.n, k, st, V, temperature, top_p, ids_p + b * is, probs_p + b * ps, ent_p + b * es);
+        finish_row(heap, top.n, k, st, V, temperature, top_p, ids_p + b * is, probs_p + b * ps,
+                   ent_p + b * es);
       }
     }
     return;

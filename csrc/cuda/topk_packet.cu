@@ -13,7 +13,12 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
 
 #include "../ops.h"
 #include "../topk_packet.h"
@@ -293,17 +298,44 @@ __global__ void __launch_bounds__(kFinishThreads)
   for (int j = tid; j < k; j += kFinishThreads) row_p[j] /= kept_all;
 }
 
+// Scratch comes from a memory pool of our own per device, stream-ordered (safe on any stream). The
+// default pool would hand its memory back to the driver at every synchronisation (dlmom.ops synchronises
+// on each call to check the entropy), making every call map fresh memory; ours keeps up to
+// kPoolKeepBytes, and leaves the default pool's settings, which other code may rely on, alone.
+constexpr uint64_t kPoolKeepBytes = 64ull << 20;
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(kOp) + ": " + what + ": " + cudaGetErrorString(err));
+}
+
+cudaMemPool_t scratch_pool() {
+  static std::mutex mutex;
+  static std::unordered_map<int, cudaMemPool_t> pools;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = pools.find(device);
+  if (found != pools.end()) return found->second;
+  cudaMemPoolProps props = {};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  cudaMemPool_t pool;
+  check_cuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+  uint64_t keep = kPoolKeepBytes;
+  check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+             "cudaMemPoolSetAttribute");
+  pools.emplace(device, pool);
+  return pool;
+}
+
 // Stream-ordered scratch, freed on the stream even when a launch check throws.
 struct Scratch {
   void* ptr = nullptr;
   cudaStream_t stream;
   Scratch(size_t bytes, cudaStream_t s) : stream(s) {
-    const cudaError_t err = cudaMallocAsync(&ptr, bytes, stream);
-    if (err != cudaSuccess) {
-      ptr = nullptr;
-      throw std::runtime_error(std::string(kOp) + ": cudaMallocAsync of " + std::to_string(bytes) +
-                               " bytes failed: " + cudaGetErrorString(err));
-    }
+    check_cuda(cudaMallocFromPoolAsync(&ptr, bytes, scratch_pool(), stream), "cudaMallocFromPoolAsync");
   }
   ~Scratch() {
     if (ptr) cudaFreeAsync(ptr, stream);
@@ -325,23 +357,23 @@ void launch(const View& logits, int64_t k, float temperature, float top_p, const
               "] are too large for one launch");
 
   Scratch scratch(size_t(items) * (sizeof(OnlineSoftmax) + size_t(kk) * sizeof(uint64_t)), stream);
-  auto* states = static_cast<OnlineSoftmax*>(scratch.ptr);               // [B, nsplit]
-  auto* cands = reinterpret_cast<uint64_t*>(states + items);              // [B, nsplit, kk]
+  auto* states = static_cast<OnlineSoftmax*>(scratch.ptr);   // [B, nsplit]
+  auto* cands = reinterpret_cast<uint64_t*>(states + items);  // [B, nsplit, kk]
   auto* ids_p = static_cast<int64_t*>(ids.data);
   auto* probs_p = static_cast<float*>(probs.data);
 
-  topk_partial<T><<<unsigned(items), kThreads, 0, stream>>>(static_cast<const T*>(logits.data), logits.stride[0],
-                                                           int(V), int(nsplit), int(k), int(kk), states, cands);
+  topk_partial<T><<<unsigned(items), kThreads, 0, stream>>>(
+      static_cast<const T*>(logits.data), logits.stride[0], int(V), int(nsplit), int(k), int(kk), states,
+      cands);
   check_launch(kOp);
   if (merged) {
     topk_rank_merge<<<unsigned(B * blocks_per_row), kRankThreads, 0, stream>>>(
         cands, int(nsplit), int(kk), int(k), blocks_per_row, ids_p, ids.stride[0], probs_p, probs.stride[0]);
     check_launch(kOp);
   }
-  topk_finish<<<unsigned(B), kFinishThreads, 0, stream>>>(states, cands, int(nsplit), int(kk), int(k), int(V),
-                                                         temperature, top_p, merged, ids_p, ids.stride[0], probs_p,
-                                                         probs.stride[0], static_cast<float*>(entropy.data),
-                                                         entropy.stride[0]);
+  topk_finish<<<unsigned(B), kFinishThreads, 0, stream>>>(
+      states, cands, int(nsplit), int(kk), int(k), int(V), temperature, top_p, merged, ids_p, ids.stride[0],
+      probs_p, probs.stride[0], static_cast<float*>(entropy.data), entropy.stride[0]);
   check_launch(kOp);
 }
 
