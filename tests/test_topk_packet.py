@@ -110,6 +110,18 @@ def test_sorted_rows(device, order, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_logits(device, dtype):
+    # Mostly subnormal values of the dtype (and zeros of both signs): the fp16 / bf16 conversions and the
+    # order of tiny values must be exact for the ids to match.
+    tiny = {torch.float32: 1e-39, torch.float16: 1e-5, torch.bfloat16: 1e-39}[dtype]
+    x = make(3, 3000, torch.float32, "cpu", scale=tiny, seed=9).to(dtype)
+    x[:, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0], dtype=dtype)
+    assert bool((x != 0).any()) and bool((x.abs() < torch.finfo(dtype).tiny).any()), "no subnormals"
+    check(x.to(device), 50)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_negative_zero_equals_zero(device):
     # -0.0 == 0.0 as floats: a tie, so the lower id comes first whatever the sign bit.
     x = torch.tensor([[0.0, -0.0, 0.0, -0.0, -1.0, 1.0, -0.0]], device=device)

@@ -116,6 +116,22 @@ DLMOM_INLINE void fold_chunk(const float* x, int64_t n, int64_t id0, OnlineSoftm
   if (!top.full() || cm > top.threshold()) top.scan(x, n, id0);
 }
 
+// fp16 -> fp32 without branches (common.h's to_float has some), so the conversion loop vectorises. Exact,
+// like to_float: normals rebias the exponent, inf/nan get the top exponent, subnormals and zero are
+// renormalised by one float subtraction.
+DLMOM_INLINE float half_to_float(uint16_t h) {
+  const uint32_t em = uint32_t(h & 0x7fffu) << 13;  // exponent and mantissa in their fp32 places
+  const uint32_t exp = em & (0x1fu << 23);
+  uint32_t u = em + ((127u - 15u) << 23);
+  u = exp == (0x1fu << 23) ? u + ((128u - 16u) << 23) : u;
+  float f = bits_float(exp == 0 ? u + (1u << 23) : u);
+  f = exp == 0 ? f - bits_float(113u << 23) : f;
+  return bits_float(float_bits(f) | (uint32_t(h & 0x8000u) << 16));
+}
+DLMOM_INLINE float load_float(float x) { return x; }
+DLMOM_INLINE float load_float(bf16 x) { return to_float(x); }
+DLMOM_INLINE float load_float(f16 x) { return half_to_float(x.bits); }
+
 // x[begin, end) of one row into st and top. Converted chunks of fp16/bf16 go through a float buffer.
 template <typename T>
 DLMOM_INLINE void scan_segment_impl(const T* x, int64_t begin, int64_t end, OnlineSoftmax& st, TopK& top) {
@@ -126,7 +142,7 @@ DLMOM_INLINE void scan_segment_impl(const T* x, int64_t begin, int64_t end, Onli
     if constexpr (std::is_same_v<T, float>) {
       xf = x + c;
     } else {
-      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(x[c + i]);
+      for (int64_t i = 0; i < n; ++i) buf[i] = load_float(x[c + i]);
       xf = buf;
     }
     fold_chunk(xf, n, c, st, top);
