@@ -67,6 +67,21 @@ def test_large_vocab(device, dtype, B, V, k, contiguous):
     check(rows(make(B, V, dtype, device, seed=1), contiguous), k, temperature=0.7, top_p=0.95)
 
 
+@pytest.mark.parametrize("B, V, k", [(1, 151936, 50), (3, 40000, 7), (2, 70001, 3000)])
+def test_cpu_rows_split_over_threads(B, V, k):
+    # With fewer rows than threads the CPU kernel cuts rows into pieces and merges their states and
+    # candidates. Force several threads so this path runs on any machine (the kernels share torch's
+    # OpenMP runtime where torch uses libgomp, as the PyPI wheels do).
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        x = make(B, V, torch.float32, "cpu", seed=10)
+        x[0, : V // 2] = -math.inf  # a piece that holds only masked logits
+        check(x, k, top_p=0.9)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V, k", [(5000, 511), (5000, 512), (5000, 513), (5000, 2049), (5000, 5000),
