@@ -151,7 +151,7 @@ DLMOM_INLINE void scan_segment_impl(const T* x, int64_t begin, int64_t end, Onli
 
 // One entry point per dtype, cloned for AVX-512 / AVX2 / baseline x86-64 and picked at load time.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DLMOM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DLMOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DLMOM_CLONES
 #endif
