@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="swir: switch on the entropy trend (default); explicit: always tokens; latent: "
                           "packets until --max-latent-steps, then tokens")
     run.add_argument("--top-k", type=int, default=16, metavar="K", help="packet size (default 16)")
-    run.add_argument("--temperature", type=float, default=1.0, metavar="T", help="packet temperature (default 1)")
-    run.add_argument("--top-p", type=float, default=1.0, metavar="P", help="packet nucleus mass (default 1)")
+    run.add_argument("--temperature", type=float, default=0.6, metavar="T", help="packet temperature (default 0.6)")
+    run.add_argument("--top-p", type=float, default=0.95, metavar="P", help="packet nucleus mass (default 0.95)")
     run.add_argument("--sample", action="store_true", help="sample explicit tokens instead of greedy decoding")
     run.add_argument("--noise", choices=["gumbel", "dirichlet"], help="noise on latent packets (default none)")
     run.add_argument("--theta", type=float, default=0.0, help="TIES trim threshold on centred logits (default 0)")

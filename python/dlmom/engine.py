@@ -31,7 +31,7 @@ class DLMoMConfig:
 
     controller: "swir" (entropy-trend switching), "explicit" (always tokens) or "latent" (packets until
         max_latent_steps, then tokens). top_k: packet size. temperature, top_p: packet shaping (and
-        sampling when do_sample). noise: None, "gumbel" (strength = tau) or "dirichlet" (strength =
+        sampling when do_sample); the defaults 0.6 / 0.95 are Soft Thinking's. noise: None, "gumbel" (strength = tau) or "dirichlet" (strength =
         alpha) on latent packets. theta, elect: TIES consensus. top_m: experts the router keeps (None:
         all). preview_tokens: the router's preview length. block_size, slope_threshold,
         variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps: the
@@ -40,8 +40,8 @@ class DLMoMConfig:
 
     controller: str = "swir"
     top_k: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 0.6
+    top_p: float = 0.95
     do_sample: bool = False
     noise: str | None = None
     noise_strength: float | None = None
