@@ -19,8 +19,10 @@ constexpr float kInf = INFINITY;
 
 // The expert loops must be gone before the CPU vectoriser looks at the token loop (GCC does not
 // vectorise a loop nest with two inner loops); E <= 8 in the unrolled kernels.
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define TIES_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define TIES_UNROLL  // host side of a .cu file: not a hot path, and nvcc rejects GCC's pragma
 #elif defined(__GNUC__) && !defined(__clang__)
 #define TIES_UNROLL _Pragma("GCC unroll 8")
 #else
