@@ -115,9 +115,11 @@ void run(const ties::Dims& d, const View& logits, const float* w, float theta, b
   std::vector<float> mean(B * E);     // [B, E]: pass 2 reads the E means of one b together
   const MergeFn<T> merge = mass ? pick_merge<T, true>(E) : pick_merge<T, false>(E);
 
+  // Dynamic schedules: the items are large (a 4-16K token chunk each), and on a shared machine a thread
+  // that is descheduled leaves its items to the others instead of stalling the team at the barrier.
 #pragma omp parallel if (E * B * V >= kParallelMin)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < items1; ++i) {
       const int64_t row = i / n1, j0 = (i % n1) * kSumChunk;
       const int64_t e = row / B, b = row % B;
@@ -141,7 +143,7 @@ void run(const ties::Dims& d, const View& logits, const float* w, float theta, b
       mean[b * E + e] = m;
     }
     std::vector<const T*> rows(E);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < items2; ++i) {
       const int64_t b = i / n2, j0 = (i % n2) * kMergeChunk;
       for (int64_t e = 0; e < E; ++e) rows[e] = x + e * sE + b * sB + j0;
