@@ -6,8 +6,6 @@ One row per (E, B, V, dtype): kernel_us, torch_us, speedup, and the bandwidth of
     python bench/bench_ties_merge.py --device cpu
     python bench/bench_ties_merge.py --device cuda --B 1 4 32 128
 """
-from __future__ import annotations
-
 import argparse
 
 import torch
@@ -32,7 +30,8 @@ def bench_one(E: int, B: int, V: int, dtype: torch.dtype, device: str, args, cop
     kw = dict(theta=args.theta, elect=args.elect)
     kernel_us = time_us(lambda: dlmom.ties_merge(x, **kw), device=device, min_time_s=args.min_time)
     # The composite is slow on a CPU: fewer warm-up calls keep the run short without changing the median.
-    torch_us = time_us(lambda: reference.ties_merge(x, **kw), device=device, warmup=1, min_time_s=args.min_time)
+    torch_us = time_us(lambda: reference.ties_merge(x, **kw), device=device, warmup=1,
+                       min_time_s=args.min_time)
     nbytes = E * B * V * x.element_size() + B * V * 4
     gbps = nbytes / (kernel_us * 1e-6) / 1e9
     return {"E": E, "B": B, "V": V, "dtype": str(dtype).replace("torch.", ""), "device": device,
@@ -56,7 +55,8 @@ def main() -> None:
         p.error("--device cuda: no CUDA GPU visible")
 
     copy = copy_gbps(args.device)
-    print(f"copy bandwidth on {args.device}: {copy:.1f} GB/s; backend: {dlmom.backend_info()['ops']['ties_merge']}")
+    backend = dlmom.backend_info()["ops"]["ties_merge"][args.device]
+    print(f"copy bandwidth on {args.device}: {copy:.1f} GB/s; ties_merge runs the {backend}")
     rows = [bench_one(E, B, V, DTYPES[dt], args.device, args, copy)
             for V in args.V for dt in args.dtypes for E in args.E for B in args.B]
     print_table(rows)

@@ -74,7 +74,8 @@ DLMOM_HD float centre(float x, float mean, float theta) {
 // The second loop recomputes v instead of storing it: with kE > 0 the compiler shares the loads, and
 // with kE == 0 no [E] scratch is needed.
 template <int kE, typename Load>
-DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* mean, const float* w, float theta, bool mass) {
+DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* mean, const float* w,
+                                              float theta, bool mass) {
   const int n = kE > 0 ? kE : E;
   float score = 0.f;
   float lowest = kInf;  // -inf iff some expert masks the token

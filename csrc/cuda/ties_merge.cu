@@ -19,7 +19,9 @@ constexpr int64_t kMaxGridY = 65535;
 template <typename T>
 constexpr int kVecOf = int(16 / sizeof(T));
 
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
 
 __device__ __forceinline__ void unpack(const uint4& u, float (&d)[4]) {
   d[0] = __uint_as_float(u.x);
@@ -195,7 +197,8 @@ __global__ void merge_kernel_any_e(const T* __restrict__ x, int E, MergeArgs a) 
     __syncthreads();
     const T* row = x + b * a.sB;
     float* o = a.out + b * a.osB;
-    for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < a.V; j += int64_t(gridDim.x) * blockDim.x)
+    const int64_t step = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < a.V; j += step)
       o[j] = ties::merge_token<0>([&](int e) { return to_float(row[e * a.sE + j]); }, E, s_mean, s_w, a.theta,
                                   a.mass);
   }
@@ -203,10 +206,9 @@ __global__ void merge_kernel_any_e(const T* __restrict__ x, int E, MergeArgs a) 
 
 int sm_count() {
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) !=
-                                                cudaSuccess)
-    n = 0;
-  return n > 0 ? n : 108;
+  const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess;
+  return ok && n > 0 ? n : 108;
 }
 
 template <typename T>
@@ -217,8 +219,8 @@ void launch(const ties::Dims& d, const View& logits, const View& weights, float 
   const int64_t rows = d.E * d.B;
   // Few rows (small B) get big blocks: each block then has more loads in flight on its SM.
   const int mean_threads = rows < 2 * sm_count() ? 1024 : 256;
-  row_means_kernel<T><<<unsigned(rows), mean_threads, 0, stream>>>(x, logits.stride[0], logits.stride[1], d.B,
-                                                                     d.V, mo, means.stride[0], means.stride[1]);
+  row_means_kernel<T><<<unsigned(rows), mean_threads, 0, stream>>>(
+      x, logits.stride[0], logits.stride[1], d.B, d.V, mo, means.stride[0], means.stride[1]);
   check_launch("ties_merge");
 
   const MergeArgs a{logits.stride[0], logits.stride[1], d.B, d.V, mo, means.stride[0], means.stride[1],
@@ -227,7 +229,8 @@ void launch(const ties::Dims& d, const View& logits, const View& weights, float 
   const unsigned grid_y = unsigned(std::min(d.B, kMaxGridY));
   if (d.E <= kMaxUnrolledE) {
     const int64_t groups = d.V / kVecOf<T> + 2;  // + the partial groups at both ends
-    const dim3 grid(unsigned(std::min<int64_t>((groups + kMergeThreads - 1) / kMergeThreads, 1 << 20)), grid_y);
+    const int64_t blocks = (groups + kMergeThreads - 1) / kMergeThreads;
+    const dim3 grid(unsigned(std::min<int64_t>(blocks, 1 << 20)), grid_y);
     switch (d.E) {
 #define TIES_CASE(n) \
   case n: merge_kernel<T, n><<<grid, kMergeThreads, 0, stream>>>(x, a); break;
