@@ -69,8 +69,7 @@ DLMOM_HD float centre(float x, float mean, float theta) {
 
 // merged value of one token from its E logits x(e) (as float), the row means mean[e] and the weights
 // w[e]. kE > 0 fixes E at compile time (unrolled loops, everything in registers); kE == 0 loops over the
-// runtime E. Branch-free apart from the loops, so the CPU kernel vectorises it across tokens; the state
-// is kept in floats, not bools, because GCC vectorises mixed bool/float selects poorly.
+// runtime E. Branch-free apart from the loops, so the CPU kernel vectorises it across tokens.
 // The second loop recomputes v instead of storing it: with kE > 0 the compiler shares the loads, and
 // with kE == 0 no [E] scratch is needed.
 template <int kE, typename Load>
@@ -78,12 +77,13 @@ DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* 
                                               float theta, bool mass) {
   const int n = kE > 0 ? kE : E;
   float score = 0.f;
-  float lowest = kInf;  // -inf iff some expert masks the token
+  // -inf iff some expert masks the token. A running minimum, not a bool flag, because GCC vectorises
+  // bool state mixed with float selects poorly; a select, not fminf, which has no x86 vector instruction.
+  float lowest = kInf;
   TIES_UNROLL
   for (int e = 0; e < n; ++e) {
     const float xe = x(e);
-    lowest = xe < lowest ? xe : lowest;  // selects, not fminf/fmaxf: x86 has no vector
-                                         // instruction for them (NaN rules)
+    lowest = xe < lowest ? xe : lowest;
     const float v = centre(xe, mean[e], theta);
     const float s = sign(v);
     score += w[e] * (mass ? v : s);
@@ -100,7 +100,8 @@ DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* 
     num += agree ? wv : 0.f;
     den += agree ? w[e] : 0.f;
   }
-  // The clamp mirrors the reference: a den below 1e-30 (tiny weights) divides by 1e-30.
+  // The clamp mirrors the reference: a den below 1e-30 (tiny weights) divides by 1e-30. A select again,
+  // not fmaxf.
   const float q = num / (den > 1e-30f ? den : 1e-30f);
   const float merged = den > 0.f ? q : 0.f;
   return lowest == -kInf ? -kInf : merged;

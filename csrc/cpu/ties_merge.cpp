@@ -24,7 +24,7 @@ namespace dlmom {
 namespace {
 
 // Work items are chunks of a row, so that B = 1 still feeds every core. Pass 1: 16K tokens keep the
-// partial sums few; pass 2: 4K tokens x E rows (x 4 B) sit in L2 while they are merged.
+// partial sums few; pass 2: the E row pieces of a 4K-token chunk (E x 16 KiB in fp32) sit in L2.
 constexpr int64_t kSumChunk = 16384;
 constexpr int64_t kMergeChunk = 4096;
 // Below this many logits one thread is faster than waking the team.

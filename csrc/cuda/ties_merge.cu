@@ -1,6 +1,8 @@
 // CUDA kernel of ties_merge: pass 1 one block per (e, b) row reduces the row mean; pass 2 a grid over
 // [B, V] merges a 16-byte group of tokens per thread with the E-loop inside. The math is
 // csrc/ties_merge.h, shared with the CPU kernel.
+// Known limit: at small B pass 1 has only E * B blocks, so only that many SMs read the rows. Splitting a
+// row over several blocks needs a workspace for the partial sums, which this API does not have.
 #include <algorithm>
 #include <cstdint>
 
@@ -128,9 +130,10 @@ struct MergeArgs {
   int64_t osB;
 };
 
-// Thread groups of kVec tokens start at 16-byte boundaries of expert 0's row b, so its loads (and those
-// of every expert whose row shares that alignment, the contiguous case) are single 16-byte loads; a group
-// at the row ends or in a row of another alignment falls back to scalar loads.
+// Thread groups of kVec tokens start at 16-byte boundaries of expert 0's row b, so its loads, and those
+// of every expert whose row shares that alignment (all of them when the row strides are multiples of
+// 16 bytes, e.g. V = 151936), are single 16-byte loads; a group at the row ends or in a row of another
+// alignment (contiguous V = 50257) falls back to scalar loads.
 template <typename T, int kE>
 __global__ void merge_kernel(const T* __restrict__ x, MergeArgs a) {
   constexpr int kVec = kVecOf<T>;
