@@ -7,6 +7,7 @@ One row per (E, B, V, dtype): kernel_us, torch_us, speedup, and the bandwidth of
     python bench/bench_ties_merge.py --device cuda --B 1 4 32 128
 """
 import argparse
+import os
 
 import torch
 
@@ -61,8 +62,10 @@ def main() -> None:
             for V in args.V for dt in args.dtypes for E in args.E for B in args.B]
     print_table(rows)
     if not args.no_write:
+        # The OpenMP settings change CPU numbers a lot on a shared machine (spinning vs sleeping waits).
+        env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
         path = write_results("ties_merge", args.device, rows,
-                             extra={"copy_gbps": copy, "theta": args.theta, "elect": args.elect})
+                             extra={"copy_gbps": copy, "theta": args.theta, "elect": args.elect, "env": env})
         print(f"wrote {path}")
 
 
