@@ -1,0 +1,145 @@
+// Contrastive TIES merge: the per-element math shared by csrc/cpu/ties_merge.cpp and
+// csrc/cuda/ties_merge.cu, plus the argument checks both entry points run.
+//
+// Decisions the spec leaves open (see python/dlmom/reference.py, the oracle):
+// - the row mean runs over finite logits only: -inf masks a token and must not drag the mean to -inf;
+//   a row with no finite logit has mean 0;
+// - |v| == theta is kept, |v| < theta trimmed to 0 (so theta = 0 trims nothing);
+// - a tie in the election (score exactly 0) elects 0 and the token merges to 0;
+// - a token that any expert holds at -inf stays -inf.
+#pragma once
+#include <cmath>
+
+#include "common.h"
+
+namespace dlmom {
+namespace ties {
+
+constexpr float kInf = INFINITY;
+
+// The expert loops must be gone before the CPU vectoriser looks at the token loop (GCC does not
+// vectorise a loop nest with two inner loops); E <= 8 in the unrolled kernels.
+#if defined(__CUDA_ARCH__)
+#define TIES_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define TIES_UNROLL  // host side of a .cu file: not a hot path, and nvcc rejects GCC's pragma
+#elif defined(__GNUC__) && !defined(__clang__)
+#define TIES_UNROLL _Pragma("GCC unroll 8")
+#else
+#define TIES_UNROLL
+#endif
+// DLMOM_HD is a plain `inline` on the host, which GCC may decline for merge_token; the CPU token loop
+// only vectorises with it inlined. (nvcc: DLMOM_HD is already __forceinline__.)
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define TIES_FORCE_INLINE __attribute__((always_inline))
+#else
+#define TIES_FORCE_INLINE
+#endif
+
+DLMOM_HD bool is_finite(float x) { return fabsf(x) < kInf; }
+DLMOM_HD float sign(float v) { return float(v > 0.f) - float(v < 0.f); }
+
+// ---- pass 1: row means over [V] ----
+
+// NaN and +inf are bad input. The caller checks the means instead of the logits (that would be a third
+// pass), so `bad` must make the mean non-finite; the finite sum alone would hide a +inf.
+DLMOM_HD void row_add(float x, float& sum, int& count, int& bad) {
+  const bool fin = is_finite(x);
+  sum += fin ? x : 0.f;
+  count += fin ? 1 : 0;
+  bad |= (x != x || x == kInf) ? 1 : 0;
+}
+
+DLMOM_HD float row_mean(float sum, int64_t count, bool bad) {
+  if (bad) return bits_float(0x7fc00000u);  // NaN
+  return count > 0 ? sum / float(count) : 0.f;
+}
+
+// ---- pass 2: one token of the merge ----
+
+// The centred, trimmed logit of one expert; a non-finite logit contributes 0 (it neither votes nor
+// averages; -inf is handled by the mask).
+// Both arms of every select are computed first: the CPU compiler will not if-convert a ternary whose arm
+// could raise a floating-point exception, and a loop with branches does not vectorise.
+DLMOM_HD float centre(float x, float mean, float theta) {
+  const float d = x - mean;
+  const float v = is_finite(x) ? d : 0.f;
+  return fabsf(v) >= theta ? v : 0.f;
+}
+
+// merged value of one token from its E logits x(e) (as float), the row means mean[e] and the weights
+// w[e]. kE > 0 fixes E at compile time (unrolled loops, everything in registers); kE == 0 loops over the
+// runtime E. Branch-free apart from the loops, so the CPU kernel vectorises it across tokens.
+// The second loop recomputes v instead of storing it: with kE > 0 the compiler shares the loads, and
+// with kE == 0 no [E] scratch is needed.
+template <int kE, typename Load>
+DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* mean, const float* w,
+                                              float theta, bool mass) {
+  const int n = kE > 0 ? kE : E;
+  float score = 0.f;
+  // -inf iff some expert masks the token. A running minimum, not a bool flag, because GCC vectorises
+  // bool state mixed with float selects poorly; a select, not fminf, which has no x86 vector instruction.
+  float lowest = kInf;
+  TIES_UNROLL
+  for (int e = 0; e < n; ++e) {
+    const float xe = x(e);
+    lowest = xe < lowest ? xe : lowest;
+    const float v = centre(xe, mean[e], theta);
+    const float s = sign(v);
+    score += w[e] * (mass ? v : s);
+  }
+  const float elected = sign(score);
+  float num = 0.f, den = 0.f;
+  TIES_UNROLL
+  for (int e = 0; e < n; ++e) {
+    const float v = centre(x(e), mean[e], theta);
+    const float wv = w[e] * v;
+    // Signs are -1, 0 or 1: the product is 1 exactly when sign(v) == elected != 0 (so trimmed experts,
+    // v == 0, never agree).
+    const bool agree = sign(v) * elected > 0.f;
+    num += agree ? wv : 0.f;
+    den += agree ? w[e] : 0.f;
+  }
+  // The clamp mirrors the reference: a den below 1e-30 (tiny weights) divides by 1e-30. A select again,
+  // not fmaxf.
+  const float q = num / (den > 1e-30f ? den : 1e-30f);
+  const float merged = den > 0.f ? q : 0.f;
+  return lowest == -kInf ? -kInf : merged;
+}
+
+// ---- argument checks (host) ----
+
+struct Dims {
+  int64_t E, B, V;
+  bool has_weights;
+};
+
+// logits [E, B, V] float, weights [E] f32 or empty, means [E, B] f32, out [B, V] f32.
+inline Dims check_args(const View& logits, const View& weights, float theta, int elect, const View& means,
+                       const View& out) {
+  const char* op = "ties_merge";
+  check_view(logits, op, "logits", 3);
+  check_float(logits, op, "logits");
+  const int64_t E = logits.size[0], B = logits.size[1], V = logits.size[2];
+  DLMOM_CHECK(E >= 1 && V >= 1, op, "logits must be [E >= 1, B, V >= 1], got [", E, ", ", B, ", ", V, "]");
+  DLMOM_CHECK(std::isfinite(theta) && theta >= 0.f, op, "theta must be a finite number >= 0, got ", theta);
+  DLMOM_CHECK(elect == 0 || elect == 1, op, "elect must be 0 (vote) or 1 (mass), got ", elect);
+  const bool has_weights = !(weights.data == nullptr && weights.ndim == 0);
+  if (has_weights) {
+    check_view(weights, op, "weights", 1);
+    check_dtype(weights, DType::f32, op, "weights");
+    DLMOM_CHECK(weights.size[0] == E, op, "weights must have shape [E=", E, "], got [", weights.size[0], "]");
+  }
+  check_view(means, op, "means", 2);
+  check_dtype(means, DType::f32, op, "means");
+  DLMOM_CHECK(means.size[0] == E && means.size[1] == B, op, "means must have shape [", E, ", ", B, "], got [",
+              means.size[0], ", ", means.size[1], "]");
+  check_view(out, op, "out", 2);
+  check_dtype(out, DType::f32, op, "out");
+  DLMOM_CHECK(out.size[0] == B && out.size[1] == V, op, "out must have shape [", B, ", ", V, "], got [",
+              out.size[0], ", ", out.size[1], "]");
+  return {E, B, V, has_weights};
+}
+
+}  // namespace ties
+}  // namespace dlmom

@@ -1,0 +1,397 @@
+"""ties_merge kernels vs dlmom.reference.ties_merge (shape x dtype x layout x device), edge cases, errors."""
+import math
+
+import pytest
+import torch
+
+import dlmom
+from conftest import DEVICES, DTYPES, HAS_CUDA, TOL, layout
+from dlmom import ops, reference
+
+NEG_INF = -math.inf
+# Inputs become fp32 exactly and both sides compute in fp32, so every input dtype is held to fp32 tolerances.
+ATOL_RTOL = TOL[torch.float32]
+
+
+def grid_logits(E, B, V, *, dtype=torch.float32, device="cpu", seed=0):
+    """[E, B, V] logits on a 1/8 grid in [-8, 8]: exact in fp16/bf16, and every row sum is exact in fp32 in
+    any order (|sum| * 8 < 2^24), so the kernel's means equal the reference's bit for bit and trimming at
+    theta cannot flip on rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-64, 65, (E, B, V), generator=g).float() / 8
+    return x.to(dtype=dtype, device=device)
+
+
+def add_masks(x):
+    """Expert 0 masks one token of row 0; the last expert's last row is -inf except its last two tokens."""
+    V = x.shape[-1]
+    x[0, 0, V // 2] = NEG_INF
+    x[-1, -1, : V - 2] = NEG_INF
+    return x
+
+
+def check(x, **kw):
+    got = dlmom.ties_merge(x, **kw)
+    want = reference.ties_merge(x, **kw)
+    assert got.dtype == torch.float32 and got.shape == x.shape[1:] and got.device == x.device
+    torch.testing.assert_close(got, want, **ATOL_RTOL)
+    return got
+
+
+# ---- kernel vs reference ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [1, 2, 3, 5])
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("V", [7, 1000])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+@pytest.mark.parametrize("theta", [0.0, 0.75])
+def test_matches_reference(device, dtype, E, B, V, contiguous, elect, theta):
+    if not contiguous and E * B == 1:
+        pytest.skip("an [1, 1, V] view is contiguous whatever its strides")
+    x = add_masks(grid_logits(E, B, V, dtype=dtype, device=device, seed=E * 100 + B * 10 + V))
+    check(layout(x, contiguous), theta=theta, elect=elect)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,B,V", [(3, 1, 50257), (2, 2, 151936)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_vocab_sizes(device, dtype, E, B, V, contiguous):
+    x = add_masks(grid_logits(E, B, V, dtype=dtype, device=device))
+    check(layout(x, contiguous), theta=0.5, elect="vote")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+@pytest.mark.parametrize("theta", [0.0, 0.3])
+def test_random_logits_with_offset(device, dtype, elect, theta):
+    # Off-grid logits around a large offset, like an LM's: rounding of the mean differs from the reference
+    # by ~1e-6, far below the spacing of the values near theta and 0.
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 3, 2000, generator=g) * 2 - 12).to(dtype=dtype, device=device)
+    check(x, theta=theta, elect=elect)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+@pytest.mark.parametrize("E", [9, 12])
+def test_many_experts_generic_path(device, dtype, elect, E):
+    # E > 8 leaves the unrolled kernels for the runtime-E loop.
+    x = add_masks(grid_logits(E, 3, 301, dtype=dtype, device=device))
+    check(layout(x, False), theta=0.25, elect=elect, weights=torch.rand(E, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+def test_random_weights(device, dtype, elect):
+    x = add_masks(grid_logits(4, 3, 999, dtype=dtype, device=device))
+    w = torch.rand(4, generator=torch.Generator().manual_seed(3)).to(device)
+    check(x, theta=0.5, elect=elect, weights=w)
+    check(x, theta=0.0, elect=elect, weights=w.to(dtype))  # fp16/bf16 weights are accepted too
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shift", [1, 3])
+def test_unaligned_rows(device, dtype, shift):
+    # Rows that start off a 16-byte boundary, each expert at a different phase: the vector loads must fall
+    # back to scalar ones.
+    E, B, V = 3, 4, 517
+    x = add_masks(grid_logits(E, B, V, dtype=dtype, device=device))
+    wide = torch.zeros(E, B, V + 13, dtype=dtype, device=device)
+    wide[..., shift: shift + V] = x
+    check(wide[..., shift: shift + V], theta=0.5, elect="mass")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_stride_smaller_than_row_stride(device, dtype):
+    # [B, E, V] storage seen as [E, B, V]: the E stride is V and the B stride E * V.
+    x = add_masks(grid_logits(3, 4, 263, dtype=dtype, device=device))
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert xt.stride() == (263, 3 * 263, 1)
+    got = check(xt, theta=0.5, elect="vote")
+    torch.testing.assert_close(got, dlmom.ties_merge(x, theta=0.5, elect="vote"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_leading_dims(device, contiguous):
+    x = add_masks(grid_logits(3, 6, 129, device=device)).view(3, 2, 3, 129)
+    x = layout(x, contiguous)
+    got = check(x, theta=0.5, elect="mass")
+    assert got.shape == (2, 3, 129)
+    flat = dlmom.ties_merge(x.reshape(3, 6, 129), theta=0.5, elect="mass")
+    torch.testing.assert_close(got, flat.view(2, 3, 129), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x = torch.zeros(2, 0, 11, device=device)
+    out = dlmom.ties_merge(x)
+    assert out.shape == (0, 11) and out.dtype == torch.float32
+
+
+# ---- semantics, checked against hand-computed values ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_theta_boundary_is_kept(device, dtype):
+    # Row 0..7 has mean 3.5 exactly, so v = -3.5 .. 3.5 in steps of 1: |v| == 1.5 is kept, 0.5 trimmed.
+    x = torch.arange(8, dtype=dtype, device=device).view(1, 1, 8)
+    got = dlmom.ties_merge(x, theta=1.5)
+    want = torch.tensor([[-3.5, -2.5, -1.5, 0.0, 0.0, 1.5, 2.5, 3.5]], device=device)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    got = dlmom.ties_merge(x, theta=1.5000001)  # just above: 1.5 goes too
+    want = torch.where(want.abs() > 1.5, want, torch.zeros_like(want))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+def test_opposite_experts_tie_to_zero(device, elect):
+    x = grid_logits(1, 3, 100, device=device)
+    x = torch.cat([x, -x])  # v_1 = -v_0 everywhere: the vote (1 - 1) and the mass (v - v) are 0
+    zeros = torch.zeros(3, 100, device=device)
+    torch.testing.assert_close(dlmom.ties_merge(x, elect=elect), zeros, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vote_tie_between_two_pairs(device):
+    # Four experts, per token two positive and two negative: a tie, whatever the magnitudes.
+    v = torch.tensor([[1.0, 2.0, -1.0, -4.0], [3.0, 5.0, -2.0, -6.0]], device=device).T  # [E=4, V=2]
+    x = torch.cat([v, -v.sum(-1, keepdim=True)], -1).unsqueeze(1)  # a balancing token makes each mean 0
+    got = dlmom.ties_merge(x, elect="vote")
+    torch.testing.assert_close(got[0, :2], torch.zeros(2, device=device), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vote_and_mass_elect_differently(device):
+    # Token 0: two experts at +1, one at -6. Vote elects + (mean of the two +1), mass elects - (the -6).
+    # Token 1 balances every row to mean 0.
+    x = torch.tensor([[1.0, -1.0], [1.0, -1.0], [-6.0, 6.0]], device=device).view(3, 1, 2)
+    vote = dlmom.ties_merge(x, elect="vote")
+    mass = dlmom.ties_merge(x, elect="mass")
+    torch.testing.assert_close(vote, torch.tensor([[1.0, -1.0]], device=device), atol=0, rtol=0)
+    torch.testing.assert_close(mass, torch.tensor([[-6.0, 6.0]], device=device), atol=0, rtol=0)
+    # A weight of 8 on expert 0 turns the mass around: 8 + 1 - 6 > 0, merged (8 * 1 + 1 * 1) / 9 = 1.
+    w = torch.tensor([8.0, 1.0, 1.0], device=device)
+    torch.testing.assert_close(dlmom.ties_merge(x, elect="mass", weights=w),
+                               torch.tensor([[1.0, -1.0]], device=device), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+def test_zero_weight_is_an_absent_expert(device, dtype, elect):
+    x = grid_logits(4, 3, 257, dtype=dtype, device=device)
+    w = torch.tensor([0.5, 0.0, 2.0, 1.0], device=device)
+    got = dlmom.ties_merge(x, theta=0.25, elect=elect, weights=w)
+    keep = [0, 2, 3]
+    without = dlmom.ties_merge(x[keep], theta=0.25, elect=elect, weights=w[keep])
+    torch.testing.assert_close(got, without, atol=0, rtol=0)
+    check(x, theta=0.25, elect=elect, weights=w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+def test_unit_weights_equal_no_weights(device, elect):
+    x = grid_logits(3, 2, 100, device=device)
+    torch.testing.assert_close(dlmom.ties_merge(x, elect=elect, weights=torch.ones(3, device=device)),
+                               dlmom.ties_merge(x, elect=elect), atol=0, rtol=0)
+    # Scaling every weight by a power of two changes nothing either.
+    torch.testing.assert_close(dlmom.ties_merge(x, elect=elect, weights=torch.full((3,), 4.0, device=device)),
+                               dlmom.ties_merge(x, elect=elect), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_single_expert_at_theta_zero_is_centred_logits(device, dtype, contiguous):
+    x = add_masks(grid_logits(1, 4, 333, dtype=dtype, device=device))
+    got = dlmom.ties_merge(layout(x, contiguous))
+    xf = x[0].float()
+    finite = torch.isfinite(xf)
+    mean = torch.where(finite, xf, 0.0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True)
+    torch.testing.assert_close(got, torch.where(finite, xf - mean, xf), **ATOL_RTOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_identical_experts_equal_one(device, dtype, elect, n):
+    x = add_masks(grid_logits(1, 3, 400, dtype=dtype, device=device))
+    one = dlmom.ties_merge(x, theta=0.5, elect=elect)
+    for same in (x.expand(n, -1, -1), x.repeat(n, 1, 1)):  # a zero E stride, then n copies
+        torch.testing.assert_close(dlmom.ties_merge(same, theta=0.5, elect=elect), one, **ATOL_RTOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neg_inf_masks(device, dtype):
+    x = grid_logits(3, 3, 50, dtype=dtype, device=device)
+    x[1, 0, 7] = NEG_INF  # one expert masks one token
+    x[2, 1, :-3] = NEG_INF  # a row that is -inf except three tokens
+    x[0, 2, :] = NEG_INF  # a row with no finite logit at all
+    got = check(x, theta=0.25)
+    assert got[0, 7] == NEG_INF and torch.isfinite(got[0, :7]).all() and torch.isfinite(got[0, 8:]).all()
+    assert (got[1, :-3] == NEG_INF).all() and torch.isfinite(got[1, -3:]).all()
+    assert (got[2] == NEG_INF).all()
+    # The mask does not leak into the mean: alone, the three finite tokens of row (2, 1) are centred on
+    # their own mean.
+    alone = dlmom.ties_merge(x[2:, 1:2])[0]
+    tail = x[2, 1, -3:].float()
+    torch.testing.assert_close(alone[-3:], tail - tail.mean(), **ATOL_RTOL)
+    assert (alone[:-3] == NEG_INF).all()
+
+
+# ---- errors ----
+
+def _x(device="cpu"):
+    return torch.randn(3, 2, 17, device=device)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(theta=-0.1), "theta must be in"),
+    (dict(theta=math.nan), "theta must be a finite number"),
+    (dict(theta=math.inf), "theta must be a finite number"),
+    (dict(theta="0.5"), "theta must be a finite number"),
+    (dict(theta=True), "theta must be a finite number"),
+    (dict(elect="foo"), "elect must be 'vote' or 'mass'"),
+    (dict(weights=torch.ones(4)), r"weights must have shape \[E=3\]"),
+    (dict(weights=torch.ones(3, 1)), "weights must have 1 dims"),
+    (dict(weights=torch.ones(3, dtype=torch.int64)), "weights must be one of float32"),
+    (dict(weights=[1.0, 1.0, 1.0]), "weights must be a torch.Tensor"),
+    (dict(weights=torch.tensor([1.0, -0.5, 1.0])), "weights must be finite and >= 0"),
+    (dict(weights=torch.tensor([1.0, math.nan, 1.0])), "weights must be finite and >= 0"),
+    (dict(weights=torch.tensor([1.0, math.inf, 1.0])), "weights must be finite and >= 0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dlmom.ties_merge(_x(), **kwargs)
+
+
+@pytest.mark.parametrize("logits,match", [
+    (torch.randn(17), "logits must have at least 2 dims"),
+    (torch.randint(0, 5, (3, 2, 17)), "logits must be one of float32"),
+    (torch.randn(3, 2, 17).double(), "logits must be one of float32"),
+    ([[1.0, 2.0]], "logits must be a torch.Tensor"),
+    (torch.randn(0, 2, 17), r"logits must be \[E >= 1, \.\.\., V >= 1\]"),
+    (torch.randn(3, 2, 0), r"logits must be \[E >= 1, \.\.\., V >= 1\]"),
+])
+def test_bad_logits(logits, match):
+    with pytest.raises(ValueError, match=match):
+        dlmom.ties_merge(logits)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+def test_weights_on_another_device():
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        dlmom.ties_merge(_x(), weights=torch.ones(3, device="cuda"))
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        dlmom.ties_merge(_x("cuda"), weights=torch.ones(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("where", ["plain", "with_neg_inf", "whole_row"])
+def test_nan_and_pos_inf_logits_are_rejected(device, dtype, bad, where):
+    # The kernel flags them through its row means; the row sits in the middle of [E, B] on purpose.
+    x = grid_logits(3, 4, 300, dtype=dtype, device=device)
+    if where == "plain":
+        x[1, 2, 123] = bad
+    elif where == "with_neg_inf":
+        x[1, 2, :200] = NEG_INF
+        x[1, 2, 250] = bad
+    else:
+        x[1, 2, :] = bad
+    with pytest.raises(ValueError, match="logits must be finite or -inf, got NaN or \\+inf"):
+        dlmom.ties_merge(layout(x, False), elect="mass")
+
+
+def test_means_flag_bad_rows_exactly():
+    # The Python check relies on this: a row's mean is non-finite iff it holds NaN or +inf.
+    mod = ops.native_module("cpu")
+    x = grid_logits(2, 5, 40000)  # rows longer than one work chunk of the CPU kernel
+    x[0, 1, 39999] = math.inf
+    x[1, 3, 5] = math.nan
+    x[0, 4, :] = NEG_INF  # -inf alone is fine: mean 0
+    x[1, 0, :-1] = NEG_INF
+    means, out = torch.empty(2, 5), torch.empty(5, 40000)
+    mod.ties_merge(ops._view(x), None, 0.0, 0, ops._view(means), ops._view(out))
+    bad = ~torch.isfinite(means)
+    assert bad.nonzero().tolist() == [[0, 1], [1, 3]]
+    assert means[0, 4] == 0 and means[1, 0] == x[1, 0, -1]
+    finite = torch.isfinite(x)
+    want = torch.where(finite, x, 0.0).sum(-1) / finite.sum(-1).clamp(min=1)
+    torch.testing.assert_close(means[~bad], want[~bad], **ATOL_RTOL)
+
+
+# ---- the binding checks again ----
+
+def _views(E=3, B=2, V=17, *, dtype=torch.float32):
+    x = torch.randn(E, B, V).to(dtype)
+    return x, torch.empty(E, B), torch.empty(B, V)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("logits_2d", "logits must have 3 dims"),
+    ("logits_int", "logits must be float32, float16 or bfloat16"),
+    ("logits_strided_last", "logits must have unit stride on its last dim"),
+    ("theta_negative", "theta must be a finite number >= 0"),
+    ("theta_nan", "theta must be a finite number >= 0"),
+    ("elect_2", r"elect must be 0 \(vote\) or 1 \(mass\)"),
+    ("weights_size", r"weights must have shape \[E=3\]"),
+    ("weights_f16", "weights must be float32"),
+    ("weights_negative", "weights must be finite and >= 0"),
+    ("means_shape", r"means must have shape \[3, 2\]"),
+    ("out_shape", r"out must have shape \[2, 17\]"),
+    ("out_dtype", "out must be float32"),
+    ("null_logits", "logits is a null pointer"),
+])
+def test_binding_rejects_bad_views(case, match):
+    mod = ops.native_module("cpu")
+    x, means, out = _views()
+    alive = []  # the views below hold raw pointers: their tensors must outlive the call
+
+    def v(t):
+        alive.append(t)
+        return ops._view(t)
+
+    lv, wv, theta, elect, mv, ov = v(x), None, 0.0, 0, v(means), v(out)
+    if case == "logits_2d":
+        lv = v(x[0])
+    elif case == "logits_int":
+        lv = v(torch.zeros(3, 2, 17, dtype=torch.int32))
+    elif case == "logits_strided_last":
+        lv = (x.data_ptr(), 0, (3, 2, 9), (34, 17, 2))
+    elif case == "theta_negative":
+        theta = -1.0
+    elif case == "theta_nan":
+        theta = math.nan
+    elif case == "elect_2":
+        elect = 2
+    elif case == "weights_size":
+        wv = v(torch.ones(4))
+    elif case == "weights_f16":
+        wv = v(torch.ones(3, dtype=torch.float16))
+    elif case == "weights_negative":
+        wv = v(torch.tensor([1.0, -1.0, 1.0]))
+    elif case == "means_shape":
+        mv = v(torch.empty(2, 3))
+    elif case == "out_shape":
+        ov = v(torch.empty(2, 16))
+    elif case == "out_dtype":
+        ov = v(torch.empty(2, 17, dtype=torch.float16))
+    elif case == "null_logits":
+        lv = (0, 0, (3, 2, 17), (34, 17, 1))
+    with pytest.raises(ValueError, match="ties_merge: " + match):
+        mod.ties_merge(lv, wv, theta, elect, mv, ov)
