@@ -174,11 +174,15 @@ class DLMoM:
             config = DLMoMConfig(**config_kwargs)
         elif config_kwargs:
             raise ValueError(f"pass either config or config fields, not both (got {sorted(config_kwargs)})")
+        from tqdm.auto import tqdm
+
         if experts is None:
-            return cls(default_experts(dtype=dtype, device=device), config)
+            with tqdm(total=1, desc="loading SmolLM2-135M-Instruct (3 roles)", disable=not progress) as bar:
+                loaded = default_experts(dtype=dtype, device=device)
+                bar.update(1)
+            return cls(loaded, config)
         if isinstance(experts, (str, Expert, tuple)):
             experts = [experts]
-        from tqdm.auto import tqdm
 
         loaded = []
         for i, spec in enumerate(tqdm(list(experts), desc="loading experts", disable=not progress, unit="expert")):
@@ -261,7 +265,9 @@ class DLMoM:
         k = min(cfg.top_k, self.primary.vocab_size)
         strength = cfg.noise_strength or _DEFAULT_NOISE_STRENGTH.get(cfg.noise, 0.0)
 
-        for step in tqdm(range(max_new_tokens), desc="decoding", disable=not progress, unit="step"):
+        bar = tqdm(total=max_new_tokens, desc="decoding", disable=not progress, unit="step")
+        for step in range(max_new_tokens):
+            bar.update(1)
             stacked = self._stack_logits(logits)  # [E, B, V]
             merged = consensus.merge(stacked, theta=cfg.theta, elect=cfg.elect, weights=weights)
             packet = topk_packet(merged, k, temperature=cfg.temperature, top_p=cfg.top_p)
@@ -320,6 +326,7 @@ class DLMoM:
                                                 for b, s in enumerate(shown)])
             bus_total += bridged_bytes
 
+        bar.close()
         usage = self._usage(start, bus_total, controller)
         usage["bridge_resyncs"] = sum(bridge.resyncs for bridge in bridges.values())
         return [Result(texts[b], traces[b], route[b], usage) for b in range(B)]
