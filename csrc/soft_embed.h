@@ -5,8 +5,10 @@
 
 namespace dlmom {
 
-// Columns the CPU kernel keeps in registers while the k weight rows stream through (8 AVX2 registers).
-constexpr int64_t kSoftEmbedBlock = 64;
+// Columns the CPU kernel accumulates at once (16 KiB of fp32, in L1): each weight row is then read as one
+// long sequential stream, which the hardware prefetcher follows (64-column register blocks that hop
+// between rows measured 3-4x slower).
+constexpr int64_t kSoftEmbedTile = 4096;
 
 template <typename I>
 DLMOM_HD int64_t load_id(const I* ids, int64_t i) { return static_cast<int64_t>(ids[i]); }

@@ -1,5 +1,5 @@
-// soft_embed on the CPU: rows of the batch and column blocks in parallel; each block of 64 columns is
-// accumulated in fp32 registers while the k embedding rows stream through.
+// soft_embed on the CPU: rows of the batch (and column tiles) in parallel; an fp32 accumulator tile stays
+// in L1 while the k embedding rows stream through it sequentially.
 #include "../ops.h"
 #include "../soft_embed.h"
 
@@ -12,22 +12,18 @@ template <typename W, typename P, typename I>
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void soft_embed_rows(const I* ids, int64_t ids_s0, const P* probs, int64_t probs_s0, const W* weight, int64_t w_s0,
                      W* out, int64_t out_s0, int64_t B, int64_t k, int64_t D, float scale) {
-  const int64_t blocks = (D + kSoftEmbedBlock - 1) / kSoftEmbedBlock;
+  const int64_t tiles = (D + kSoftEmbedTile - 1) / kSoftEmbedTile;
   // Parallel only when the work pays for waking the threads.
 #pragma omp parallel for collapse(2) schedule(static) if (B * k * D > (1 << 17))
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t t = 0; t < blocks; ++t) {
-      const int64_t d0 = t * kSoftEmbedBlock, n = (D - d0 < kSoftEmbedBlock) ? D - d0 : kSoftEmbedBlock;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t d0 = t * kSoftEmbedTile, n = (D - d0 < kSoftEmbedTile) ? D - d0 : kSoftEmbedTile;
       const I* row_ids = ids + b * ids_s0;
       const P* row_probs = probs + b * probs_s0;
-      float acc[kSoftEmbedBlock] = {};
-      if (n == kSoftEmbedBlock) {  // a constant trip count keeps acc in registers
-        for (int64_t i = 0; i < k; ++i)
-          soft_embed_axpy(acc, weight + load_id(row_ids, i) * w_s0 + d0, to_float(row_probs[i]), kSoftEmbedBlock);
-      } else {
-        for (int64_t i = 0; i < k; ++i)
-          soft_embed_axpy(acc, weight + load_id(row_ids, i) * w_s0 + d0, to_float(row_probs[i]), n);
-      }
+      float acc[kSoftEmbedTile];
+      for (int64_t d = 0; d < n; ++d) acc[d] = 0.f;
+      for (int64_t i = 0; i < k; ++i)
+        soft_embed_axpy(acc, weight + load_id(row_ids, i) * w_s0 + d0, to_float(row_probs[i]), n);
       W* o = out + b * out_s0 + d0;
       for (int64_t d = 0; d < n; ++d) o[d] = from_float<W>(scale * acc[d]);
     }

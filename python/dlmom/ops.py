@@ -56,16 +56,16 @@ def native_module(device_type: str):
 def _kernels_for(op: str, t: torch.Tensor):
     """The native module that runs ``op`` on ``t``'s device, or None for the reference."""
     global _warned_no_cuda
-    if backend_choice() == "reference":
+    if "DLMOM_BACKEND" in os.environ and backend_choice() == "reference":
         return None
-    if not t.is_cuda and t.device.type == "cpu":
+    if t.is_cpu:
         mod = _modules.get("_C") or native_module("cpu")
         if mod is None:
             raise ImportError(f"{op}: the dlmom C++ extension (dlmom._C) is not built. Install the package "
                               "with `pip install .` from the source tree, or set DLMOM_BACKEND=reference "
                               "to use the pure-torch ops.")
         return mod
-    if t.device.type == "cuda":
+    if t.is_cuda:
         mod = native_module("cuda")
         if mod is None and not _warned_no_cuda:
             _warned_no_cuda = True
@@ -105,8 +105,8 @@ def _check_tensor(op: str, name: str, t, *, dims=None, min_dims=None, dtypes=Non
 
 
 def _check_same_device(op: str, **tensors) -> None:
-    devices = [t.device for t in tensors.values() if t is not None]
-    if all(d == devices[0] for d in devices[1:]):
+    present = [t for t in tensors.values() if t is not None]
+    if all(t.is_cpu for t in present) or len({t.device for t in present}) == 1:
         return
     listing = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
     raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
@@ -148,7 +148,8 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     _check_tensor(op, "probs", probs, min_dims=1, dtypes=_FLOATS)
     _check_tensor(op, "weight", weight, dims=2, dtypes=_FLOATS)
     _check_number(op, "scale", scale)
-    _check_same_device(op, ids=ids, probs=probs, weight=weight, out=out)
+    if not (ids.is_cpu and probs.is_cpu and weight.is_cpu and (out is None or out.is_cpu)):
+        _check_same_device(op, ids=ids, probs=probs, weight=weight, out=out)
     if probs.shape != ids.shape:
         raise ValueError(f"{op}: probs must have the shape of ids {tuple(ids.shape)}, got {tuple(probs.shape)}")
     V, D = weight.shape
@@ -173,11 +174,11 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
         ids, probs = ids.reshape(-1, k), probs.reshape(-1, k)
     ids2, probs2 = _rows_unit_stride(ids), _rows_unit_stride(probs)
     direct = out is not None and out.is_contiguous()
-    out2 = out.view(-1, D) if direct else torch.empty(ids2.shape[0], D, dtype=weight.dtype, device=weight.device)
+    out2 = out.view(-1, D) if direct else weight.new_empty((ids2.shape[0], D))
     _run(mod, weight, "soft_embed", _view(ids2), _view(probs2), _view(_rows_unit_stride(weight)), float(scale),
          _view(out2))
     if out is None:
-        return out2.view(*lead, D)
+        return out2 if len(lead) == 1 else out2.view(*lead, D)
     return out if direct else out.copy_(out2.view(*lead, D))
 
 
