@@ -58,7 +58,7 @@ DLMOM_HD void scale_zero_16(float mn, float mx, T& scale, T& zero) {
   zero.bits = to_float(z) > mn ? step_down_bits(z.bits) : z.bits;
   const float s32 = div_rn(mx - to_float(zero), 3.0f);
   const T s = from_float<T>(s32);
-  scale.bits = uint16_t(s.bits + (to_float(s) < s32 ? 1 : 0));  // step_up_bits where it rounded down
+  scale.bits = to_float(s) < s32 ? step_up_bits(s.bits) : s.bits;
 }
 DLMOM_HD void scale_zero(float mn, float mx, f16& scale, f16& zero) { scale_zero_16(mn, mx, scale, zero); }
 DLMOM_HD void scale_zero(float mn, float mx, bf16& scale, bf16& zero) { scale_zero_16(mn, mx, scale, zero); }
@@ -89,15 +89,15 @@ DLMOM_HD float dequant_value(int code, float s, float z) {
 
 // ---- argument checks (host only), shared by the CPU and the CUDA entry points ----
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // no overflow for a huge b
 
 // [R, L, C] with dims 1 and 2 dense: the kernels index a row's [L, C] block as l * C + c. Rows (dim 0) may
 // be strided.
 inline void check_rows_dense(const View& v, const char* op, const char* name) {
   check_view(v, op, name, 3);
-  DLMOM_CHECK(v.numel() == 0 || v.size[1] <= 1 || v.stride[1] == v.size[2], op, name, " must be dense in its last two dims, got sizes [",
-              v.size[0], ", ", v.size[1], ", ", v.size[2], "] and strides [", v.stride[0], ", ", v.stride[1], ", ",
-              v.stride[2], "]");
+  DLMOM_CHECK(v.numel() == 0 || v.size[1] <= 1 || v.stride[1] == v.size[2], op, name,
+              " must be dense in its last two dims, got sizes [", v.size[0], ", ", v.size[1], ", ", v.size[2],
+              "] and strides [", v.stride[0], ", ", v.stride[1], ", ", v.stride[2], "]");
 }
 
 inline void check_shape(const View& v, int64_t d0, int64_t d1, int64_t d2, const char* op, const char* name) {
@@ -107,8 +107,8 @@ inline void check_shape(const View& v, int64_t d0, int64_t d1, int64_t d2, const
 
 // codes [R, ceil(L/4), C] uint8; scale, zero [R, ceil(L/G), C] of one float dtype; the [R, L, C] tensor is x
 // (quant) or out (dequant).
-inline void check_args(const View& full, const View& codes, const View& scale, const View& zero, int64_t group_size,
-                       const char* op, const char* full_name) {
+inline void check_args(const View& full, const View& codes, const View& scale, const View& zero,
+                       int64_t group_size, const char* op, const char* full_name) {
   check_rows_dense(full, op, full_name);
   check_float(full, op, full_name);
   check_rows_dense(codes, op, "codes");

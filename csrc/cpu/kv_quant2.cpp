@@ -108,7 +108,8 @@ DLMOM_INLINE void cols_codes(const TV* v, int64_t ld, int64_t l0, int64_t rows, 
     if (k == 0) {
       for (int64_t c = 0; c < nc; ++c) acc[c] = uint8_t(kvq::code_of(load(vr[c]), s[c], z[c]));
     } else {
-      for (int64_t c = 0; c < nc; ++c) acc[c] = uint8_t(acc[c] | (kvq::code_of(load(vr[c]), s[c], z[c]) << (2 * k)));
+      for (int64_t c = 0; c < nc; ++c)
+        acc[c] = uint8_t(acc[c] | (kvq::code_of(load(vr[c]), s[c], z[c]) << (2 * k)));
     }
     if (k == 3 || l == L - 1) std::copy(acc, acc + nc, codes + (l >> 2) * ld_codes);  // codes past L stay 0
   }
@@ -304,8 +305,9 @@ void kv_quant2_cpu(const View& x, int64_t group_size, const View& codes, const V
 void kv_dequant2_cpu(const View& codes, const View& scale, const View& zero, int64_t group_size, const View& out) {
   constexpr const char* op = "kv_dequant2";
   kvq::check_args(out, codes, scale, zero, group_size, op, "out");
+  const int64_t G = group_size;
   DLMOM_DISPATCH_FLOAT(scale.dtype, TS, op,
-                       DLMOM_DISPATCH_FLOAT(out.dtype, TO, op, dequant<TS, TO>(codes, scale, zero, group_size, out)));
+                       DLMOM_DISPATCH_FLOAT(out.dtype, TO, op, dequant<TS, TO>(codes, scale, zero, G, out)));
 }
 
 }  // namespace dlmom

@@ -21,6 +21,9 @@ inline unsigned blocks_for(int64_t total) {
   return unsigned(std::min<int64_t>(kvq::ceil_div(total, kThreads), int64_t(1) << 20));  // grid-stride beyond
 }
 
+__device__ __forceinline__ int64_t first_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * blockDim.x; }
+
 struct Dims {
   int64_t R, L, C, G, ng, nb;
 };
@@ -37,7 +40,7 @@ __global__ void quant_groups_kernel(const TX* __restrict__ x, int64_t xs, uint8_
                                     TS* __restrict__ scale, int64_t ss, TS* __restrict__ zero, int64_t zs, Dims d,
                                     bool write_codes) {
   const int64_t total = d.R * d.ng * d.C;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = first_index(); i < total; i += grid_stride()) {
     const int64_t c = i % d.C, t = i / d.C, g = t % d.ng, r = t / d.ng;
     const int64_t l0 = g * d.G, l1 = l0 + d.G < d.L ? l0 + d.G : d.L;
     const TX* xc = x + r * xs + c;  // element l at xc[l * C]
@@ -66,10 +69,10 @@ __global__ void quant_groups_kernel(const TX* __restrict__ x, int64_t xs, uint8_
 // One thread per (r, b, c): the byte of codes b from the stored scale / zero (the groups may change inside it).
 template <typename TX, typename TS>
 __global__ void quant_bytes_kernel(const TX* __restrict__ x, int64_t xs, uint8_t* __restrict__ codes, int64_t cs,
-                                   const TS* __restrict__ scale, int64_t ss, const TS* __restrict__ zero, int64_t zs,
-                                   Dims d) {
+                                   const TS* __restrict__ scale, int64_t ss, const TS* __restrict__ zero,
+                                   int64_t zs, Dims d) {
   const int64_t total = d.R * d.nb * d.C;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = first_index(); i < total; i += grid_stride()) {
     const int64_t c = i % d.C, t = i / d.C, b = t % d.nb, r = t / d.nb;
     int q[kvq::kCodesPerByte];
 #pragma unroll
@@ -89,10 +92,10 @@ __global__ void quant_bytes_kernel(const TX* __restrict__ x, int64_t xs, uint8_t
 // One thread per (r, b, c): the four values of byte b, code * scale + zero, stored in out's dtype.
 template <typename TS, typename TO>
 __global__ void dequant_kernel(const uint8_t* __restrict__ codes, int64_t cs, const TS* __restrict__ scale,
-                               int64_t ss, const TS* __restrict__ zero, int64_t zs, TO* __restrict__ out, int64_t os,
-                               Dims d) {
+                               int64_t ss, const TS* __restrict__ zero, int64_t zs, TO* __restrict__ out,
+                               int64_t os, Dims d) {
   const int64_t total = d.R * d.nb * d.C;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = first_index(); i < total; i += grid_stride()) {
     const int64_t c = i % d.C, t = i / d.C, b = t % d.nb, r = t / d.nb;
     const uint8_t byte = codes[r * cs + b * d.C + c];
 #pragma unroll
