@@ -177,6 +177,29 @@ def test_every_finite_16bit_value(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequant_stores_like_torch(device, out_dtype):
+    # Code 0, scale 0 and fp32 zeros z: the output is z converted to out_dtype, which must be torch's
+    # rounding bit for bit (the CPU uses its own branch-free fp16 conversion), over random fp32 bit patterns
+    # and dense sweeps of fp16's subnormal, normal and overflow boundaries.
+    g = torch.Generator().manual_seed(9)
+    rand = torch.randint(-2**31, 2**31 - 1, (1_000_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    sweeps = [torch.arange(a - 20000, a + 20000) for a in (0x33000000, 0x38800000, 0x3f800000, 0x477ff000)]
+    sweeps.append(torch.arange(0, 20000))
+    e = torch.cat(sweeps).to(torch.int32)
+    z = torch.cat([rand, e, e | torch.tensor(-2**31, dtype=torch.int32)]).view(torch.float32)
+    z = torch.cat([z[~torch.isnan(z)], torch.tensor([math.inf, -math.inf, 65504.0, 65520.0, 65519.996])])
+    n = z.numel()
+    q = QuantizedKV(torch.zeros(n, 1, dtype=torch.uint8), torch.zeros(n, 1), z.view(n, 1), torch.Size([n, 1]),
+                    -1, 1)
+    q = QuantizedKV(*(t.to(device) for t in q[:3]), *q[3:])
+    got = dlmom.kv_dequant2(q, dtype=out_dtype)
+    want = (q.zero + 0.0).to(out_dtype)  # + 0.0: -0 becomes +0, as 0 * scale + zero does
+    bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_extreme_ranges(device, dtype):
     big = {torch.float32: 1e37, torch.float16: 8e3, torch.bfloat16: 1e37}[dtype]  # ranges stay finite

@@ -43,6 +43,23 @@ inline float load(f16 v) {
   return bits_float(sign | mag);
 }
 
+// fp32 to the storage bits of TO, rounded to nearest even: the same bits as common.h's from_float (and torch's
+// .to()), but the fp16 one is branch-free (the FP16 library's method, which c10::Half uses) so that it
+// vectorises and does not mispredict on the rounding direction.
+template <typename TO> inline Raw<TO> store_raw(float v) { return raw(from_float<TO>(v)); }
+template <> inline uint16_t store_raw<f16>(float v) {
+  const uint32_t w = float_bits(v), two_w = w + w, sign = w & 0x80000000u;
+  // |v| * 2^112 * 2^-110: inf where v rounds to inf in fp16, |v| * 4 (exact) otherwise
+  float base = (bits_float(two_w >> 1) * 0x1.0p+112f) * 0x1.0p-110f;
+  uint32_t bias = two_w & 0xff000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  // adding 2^(e + 15 - 10) leaves fp16's 10 mantissa bits at the bottom, rounded to nearest even by the add
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+  return uint16_t((sign >> 16) | (two_w > 0xff000000u ? 0x7e00u : nonsign));  // nan stays nan
+}
+
 struct Split {
   int64_t seg = 1, nseg = 0, cb = 1, ncb = 0, items = 0;
 };
@@ -219,15 +236,18 @@ template <typename TS, typename TO>
 __attribute__((target_clones("avx2", "default")))
 void dequant_cols(const uint8_t* codes, const TS* scale, const TS* zero, Raw<TO>* out, int64_t C, int64_t G,
                   int64_t l0, int64_t l1, int64_t c0, int64_t nc) {
+  float val[4][kColBlock];
   Raw<TO> lut[4][kColBlock];
   for (int64_t g0 = l0; g0 < l1; g0 += G) {
     const int64_t g1 = std::min(l1, g0 + G), g = g0 / G;
     const TS* sr = scale + g * C + c0;  // [nc]
     const TS* zr = zero + g * C + c0;
     for (int64_t c = 0; c < nc; ++c) {
-      const float s = to_float(sr[c]), z = to_float(zr[c]);
-      for (int k = 0; k < 4; ++k) lut[k][c] = raw(from_float<TO>(kvq::dequant_value(k, s, z)));
+      const float s = load(sr[c]), z = load(zr[c]);
+      for (int k = 0; k < 4; ++k) val[k][c] = kvq::dequant_value(k, s, z);
     }
+    for (int k = 0; k < 4; ++k)
+      for (int64_t c = 0; c < nc; ++c) lut[k][c] = store_raw<TO>(val[k][c]);
     for (int64_t l = g0; l < g1; ++l) {
       const uint8_t* br = codes + (l >> 2) * C + c0;  // [nc]
       Raw<TO>* o = out + l * C + c0;
@@ -253,9 +273,9 @@ void dequant_row(const uint8_t* codes, const TS* scale, const TS* zero, Raw<TO>*
   }
   for (int64_t g0 = l0; g0 < l1; g0 += G) {
     const int64_t g1 = std::min(l1, g0 + G), g = g0 / G;
-    const float s = to_float(scale[g]), z = to_float(zero[g]);
+    const float s = load(scale[g]), z = load(zero[g]);
     Raw<TO> lut[4];
-    for (int k = 0; k < 4; ++k) lut[k] = raw(from_float<TO>(kvq::dequant_value(k, s, z)));
+    for (int k = 0; k < 4; ++k) lut[k] = store_raw<TO>(kvq::dequant_value(k, s, z));
     const uint8_t* b = buf + (g0 - l0);
     for (int64_t i = 0; i < g1 - g0; ++i) {
       const int code = b[i];
