@@ -367,6 +367,34 @@ def test_binding_checks_views(device):
         dequant(codes, scale, zero, -2, out)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 5])
+def test_binding_strided_rows(device, C):
+    # The C++ API takes rows (dim 0) with any stride: slices of wider buffers give the same results as the
+    # contiguous call (which may treat all rows as one).
+    mod = ops.native_module(device)
+    if mod is None:
+        pytest.skip(f"the {device} kernels are not built")
+    kw = {"stream": torch.cuda.current_stream().cuda_stream} if device == "cuda" else {}
+    v = ops._view
+    R, L, G = 6, 64, 16
+    x, codes, scale, zero = _buffers(R, L, C, G, torch.bfloat16, device=device)
+    mod.kv_quant2(v(x), G, v(codes), v(scale), v(zero), **kw)
+
+    def wide(t):  # same values, rows further apart
+        w = torch.zeros(t.shape[0], t.shape[1] + 3, t.shape[2], dtype=t.dtype, device=t.device)
+        w[:, : t.shape[1]] = t
+        return w[:, : t.shape[1]]
+
+    xs, cs, ss, zs = (wide(t) for t in (x, codes * 0, scale * 0, zero * 0))
+    mod.kv_quant2(v(xs), G, v(cs), v(ss), v(zs), **kw)
+    assert torch.equal(cs, codes) and torch.equal(ss, scale) and torch.equal(zs, zero)
+    out, outs = torch.empty_like(x), wide(torch.zeros_like(x))
+    mod.kv_dequant2(v(codes), v(scale), v(zero), G, v(out), **kw)
+    mod.kv_dequant2(v(cs), v(ss), v(zs), G, v(outs), **kw)
+    assert torch.equal(outs, out)
+
+
 def test_fp32_scale_for_16bit_input_uses_the_fp32_rule():
     # The C++ API also takes fp32 scale / zero for fp16 / bf16 x: no outward rounding then, as
     # reference.kv_scale_zero(mn, mx, torch.float32) does.

@@ -52,12 +52,14 @@ template <> inline uint16_t store_raw<f16>(float v) {
   // |v| * 2^112 * 2^-110: inf where v rounds to inf in fp16, |v| * 4 (exact) otherwise
   float base = (bits_float(two_w >> 1) * 0x1.0p+112f) * 0x1.0p-110f;
   uint32_t bias = two_w & 0xff000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  const uint32_t small = 0u - uint32_t(bias < 0x71000000u);  // masks, not selects: they vectorise
+  bias = (bias & ~small) | (0x71000000u & small);
   // adding 2^(e + 15 - 10) leaves fp16's 10 mantissa bits at the bottom, rounded to nearest even by the add
   base = bits_float((bias >> 1) + 0x07800000u) + base;
   const uint32_t bits = float_bits(base);
   const uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
-  return uint16_t((sign >> 16) | (two_w > 0xff000000u ? 0x7e00u : nonsign));  // nan stays nan
+  const uint32_t nan = 0u - uint32_t(two_w > 0xff000000u);  // nan stays nan
+  return uint16_t((sign >> 16) | (0x7e00u & nan) | (nonsign & ~nan));
 }
 
 struct Split {
@@ -78,6 +80,21 @@ Split split(int64_t R, int64_t L, int64_t C, int64_t G) {
   s.nseg = ceil_div(L, s.seg);
   s.items = R * s.nseg * s.ncb;
   return s;
+}
+
+// [R, L, C] seen as [1, R * L, C] when that changes nothing: rows that hold whole groups and whole bytes
+// (L % G == 0, L % 4 == 0) and follow each other in every tensor. axis=-1 rows are short (one head_dim),
+// so the items, and the loops inside them, get longer.
+struct Rows {
+  int64_t R, L;
+};
+Rows merged_rows(const View& full, const View& codes, const View& scale, const View& zero, int64_t G) {
+  const int64_t R = full.size[0], L = full.size[1], C = full.size[2];
+  const bool whole = L % G == 0 && L % kvq::kCodesPerByte == 0;
+  if (R > 1 && whole && full.stride[0] == L * C && codes.stride[0] == L / kvq::kCodesPerByte * C &&
+      scale.stride[0] == L / G * C && zero.stride[0] == L / G * C)
+    return {1, R * L};
+  return {R, L};
 }
 
 struct Item {
@@ -204,7 +221,8 @@ void quant_row(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t G, int6
 
 template <typename TX, typename TS>
 void quant(const View& x, int64_t G, const View& codes, const View& scale, const View& zero) {
-  const int64_t R = x.size[0], L = x.size[1], C = x.size[2];
+  const auto [R, L] = merged_rows(x, codes, scale, zero, G);
+  const int64_t C = x.size[2];
   const Split sp = split(R, L, C, G);
   const TX* xp = static_cast<const TX*>(x.data);
   uint8_t* cp = static_cast<uint8_t*>(codes.data);
@@ -253,7 +271,7 @@ void dequant_cols(const uint8_t* codes, const TS* scale, const TS* zero, Raw<TO>
       Raw<TO>* o = out + l * C + c0;
       const int shift = 2 * int(l & 3);
       for (int64_t c = 0; c < nc; ++c) {
-        const int code = (br[c] >> shift) & 3;
+        const uint8_t code = uint8_t((br[c] >> shift) & 3);  // 8-bit lanes
         o[c] = code == 0 ? lut[0][c] : code == 1 ? lut[1][c] : code == 2 ? lut[2][c] : lut[3][c];
       }
     }
@@ -271,22 +289,35 @@ void dequant_row(const uint8_t* codes, const TS* scale, const TS* zero, Raw<TO>*
     const uint8_t byte = in[i];
     for (int k = 0; k < 4; ++k) buf[4 * i + k] = uint8_t(kvq::unpack(byte, k));
   }
-  for (int64_t g0 = l0; g0 < l1; g0 += G) {
-    const int64_t g1 = std::min(l1, g0 + G), g = g0 / G;
-    const float s = load(scale[g]), z = load(zero[g]);
-    Raw<TO> lut[4];
-    for (int k = 0; k < 4; ++k) lut[k] = store_raw<TO>(kvq::dequant_value(k, s, z));
-    const uint8_t* b = buf + (g0 - l0);
-    for (int64_t i = 0; i < g1 - g0; ++i) {
-      const int code = b[i];
-      out[g0 + i] = code == 0 ? lut[0] : code == 1 ? lut[1] : code == 2 ? lut[2] : lut[3];
+  // The tables of kChunk groups at a time, built in loops over the groups (they vectorise; one group's
+  // four entries alone would not).
+  constexpr int64_t kChunk = 64;
+  float val[4][kChunk];
+  Raw<TO> lut[4][kChunk];
+  for (int64_t ga = l0 / G, gend = ceil_div(l1, G); ga < gend; ga += kChunk) {
+    const int64_t ng = std::min(kChunk, gend - ga);
+    for (int64_t j = 0; j < ng; ++j) {
+      const float s = load(scale[ga + j]), z = load(zero[ga + j]);
+      for (int k = 0; k < 4; ++k) val[k][j] = kvq::dequant_value(k, s, z);
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int64_t j = 0; j < ng; ++j) lut[k][j] = store_raw<TO>(val[k][j]);
+    for (int64_t j = 0; j < ng; ++j) {
+      const int64_t g0 = (ga + j) * G, g1 = std::min(l1, g0 + G);
+      const Raw<TO> v0 = lut[0][j], v1 = lut[1][j], v2 = lut[2][j], v3 = lut[3][j];
+      const uint8_t* b = buf + (g0 - l0);
+      for (int64_t i = 0; i < g1 - g0; ++i) {
+        const uint8_t code = b[i];
+        out[g0 + i] = code == 0 ? v0 : code == 1 ? v1 : code == 2 ? v2 : v3;
+      }
     }
   }
 }
 
 template <typename TS, typename TO>
 void dequant(const View& codes, const View& scale, const View& zero, int64_t G, const View& out) {
-  const int64_t R = out.size[0], L = out.size[1], C = out.size[2];
+  const auto [R, L] = merged_rows(out, codes, scale, zero, G);
+  const int64_t C = out.size[2];
   const Split sp = split(R, L, C, G);
   const uint8_t* cp = static_cast<const uint8_t*>(codes.data);
   const TS* sp_ = static_cast<const TS*>(scale.data);
