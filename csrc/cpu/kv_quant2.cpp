@@ -231,7 +231,7 @@ void quant(const View& x, int64_t G, const View& codes, const View& scale, const
 #pragma omp parallel if (R * L * C >= kParallelElems && sp.items > 1)
   {
     std::vector<uint8_t> buf(C == 1 ? size_t(sp.seg + 4) : 0);  // per thread, for quant_row
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)  // a thread the OS stalls does not hold up a fixed share
     for (int64_t it = 0; it < sp.items; ++it) {
       const Item m = item_at(sp, it, L, C);
       const TX* xr = xp + m.r * x.stride[0];  // [L, C]
@@ -326,7 +326,7 @@ void dequant(const View& codes, const View& scale, const View& zero, int64_t G, 
 #pragma omp parallel if (R * L * C >= kParallelElems && sp.items > 1)
   {
     std::vector<uint8_t> buf(C == 1 ? size_t(sp.seg + 4) : 0);  // per thread, for dequant_row
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)  // a thread the OS stalls does not hold up a fixed share
     for (int64_t it = 0; it < sp.items; ++it) {
       const Item m = item_at(sp, it, L, C);
       const uint8_t* cr = cp + m.r * codes.stride[0];  // [ceil(L/4), C]
