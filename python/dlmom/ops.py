@@ -283,8 +283,12 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     if axis == -2 and x.dim() < 2:
         raise ValueError(f"{op}: axis=-2 needs x with at least 2 dims, got shape {tuple(x.shape)}")
     _check_number(op, "group_size", group_size, lo=1, integer=True)
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{op}: x must be finite, got NaN or inf")
+    if x.numel():
+        # min and max propagate NaN and show +-inf: one reduction pass, no bool tensor of x's size
+        # (torch.isfinite(x).all() costs several times the kernel on CPU).
+        lo, hi = torch.aminmax(x)
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise ValueError(f"{op}: x must be finite, got NaN or inf")
     mod = _kernels_for(op, x)
     if mod is None:
         return reference.kv_quant2(x, group_size=group_size, axis=axis)
@@ -308,11 +312,18 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
         raise ValueError(f"{op}: q must be a QuantizedKV from kv_quant2, got {type(q).__name__}")
     if dtype is not None and dtype not in _FLOATS:
         raise ValueError(f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    # A QuantizedKV is a plain tuple: check its fields before computing sizes from them.
+    if isinstance(q.axis, bool) or q.axis not in (-1, -2):
+        raise ValueError(f"{op}: q.axis must be -1 or -2, got {q.axis!r}")
+    if len(q.shape) < -q.axis:
+        raise ValueError(f"{op}: q.shape must have at least {-q.axis} dims for axis={q.axis}, got {tuple(q.shape)}")
+    _check_number(op, "q.group_size", q.group_size, lo=1, integer=True)
     R, L, C = reference.canonical_3d(q.shape, q.axis)
     G = q.group_size
     ng, nb = -(-L // G), -(-L // 4)
     _check_tensor(op, "q.codes", q.codes, dtypes=(torch.uint8,))
     _check_tensor(op, "q.scale", q.scale, dtypes=_FLOATS)
+    _check_tensor(op, "q.zero", q.zero, dtypes=_FLOATS)
     _check_same_device(op, codes=q.codes, scale=q.scale, zero=q.zero)
     if q.codes.numel() != R * nb * C or q.scale.numel() != R * ng * C or q.zero.shape != q.scale.shape \
             or q.zero.dtype != q.scale.dtype:

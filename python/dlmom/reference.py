@@ -107,11 +107,14 @@ def kv_scale_zero(mn: torch.Tensor, mx: torch.Tensor, dtype: torch.dtype) -> tup
     zero = min and scale = (max - zero) / 3, rounded outward to ``dtype`` (zero down, scale up) so
     every element of the group stays within half a step of its code.
     """
+    # A tensor divisor, not the number 3: on CUDA, torch divides by a Python scalar as a multiply by its
+    # reciprocal, which differs from the true division in the last bit for about a third of the values.
+    three = torch.full_like(mn, 3.0)
     if dtype == torch.float32:
-        return (mx - mn) / 3, mn
+        return (mx - mn) / three, mn
     zero = mn.to(dtype)
     zero = torch.where(zero.float() > mn, _step_down(zero), zero)
-    s32 = (mx - zero.float()) / 3
+    s32 = (mx - zero.float()) / three
     scale = s32.to(dtype)
     scale = torch.where(scale.float() < s32, _step_up(scale), scale)
     return scale, zero
@@ -147,10 +150,10 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
     """code * scale + zero, in ``dtype`` (default: the quantised tensor's dtype)."""
     R, L, C = canonical_3d(q.shape, q.axis)
     G = q.group_size
-    nb = -(-L // 4)
+    ng, nb = -(-L // G), -(-L // 4)  # explicit: reshape cannot infer a -1 when R == 0
     b = q.codes.reshape(R, nb, 1, C)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
     codes = ((b >> shifts) & 3).reshape(R, nb * 4, C)[:, :L].float()
-    s = q.scale.reshape(R, -1, C).float().repeat_interleave(G, dim=1)[:, :L]
-    z = q.zero.reshape(R, -1, C).float().repeat_interleave(G, dim=1)[:, :L]
+    s = q.scale.reshape(R, ng, C).float().repeat_interleave(G, dim=1)[:, :L]
+    z = q.zero.reshape(R, ng, C).float().repeat_interleave(G, dim=1)[:, :L]
     return (codes * s + z).to(dtype or q.scale.dtype).reshape(q.shape)
