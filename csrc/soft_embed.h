@@ -10,6 +10,25 @@ namespace dlmom {
 // between rows measured 3-4x slower).
 constexpr int64_t kSoftEmbedTile = 4096;
 
+// The argument checks of both entry points (host only): ranks, dtypes and matching sizes.
+inline void soft_embed_check(const View& ids, const View& probs, const View& weight, const View& out) {
+  constexpr const char* op = "soft_embed";
+  check_view(ids, op, "ids", 2);        // [B, k]
+  check_view(probs, op, "probs", 2);    // [B, k]
+  check_view(weight, op, "weight", 2);  // [V, D]
+  check_view(out, op, "out", 2);        // [B, D]
+  DLMOM_CHECK(ids.dtype == DType::i32 || ids.dtype == DType::i64, op, "ids must be int32 or int64, got ",
+              dtype_name(ids.dtype));
+  check_float(probs, op, "probs");
+  check_float(weight, op, "weight");
+  check_dtype(out, weight.dtype, op, "out");
+  const int64_t B = ids.size[0], k = ids.size[1], D = weight.size[1];
+  DLMOM_CHECK(probs.size[0] == B && probs.size[1] == k, op, "probs must be [", B, ", ", k, "], got [",
+              probs.size[0], ", ", probs.size[1], "]");
+  DLMOM_CHECK(out.size[0] == B && out.size[1] == D, op, "out must be [", B, ", ", D, "], got [", out.size[0],
+              ", ", out.size[1], "]");
+}
+
 template <typename I>
 DLMOM_HD int64_t load_id(const I* ids, int64_t i) { return static_cast<int64_t>(ids[i]); }
 

@@ -45,20 +45,8 @@ void check_ids(const View& ids, int64_t V) {
 }  // namespace
 
 void soft_embed_cpu(const View& ids, const View& probs, const View& weight, float scale, const View& out) {
-  check_view(ids, kOp, "ids", 2);    // [B, k]
-  check_view(probs, kOp, "probs", 2);  // [B, k]
-  check_view(weight, kOp, "weight", 2);  // [V, D]
-  check_view(out, kOp, "out", 2);    // [B, D]
-  DLMOM_CHECK(ids.dtype == DType::i32 || ids.dtype == DType::i64, kOp, "ids must be int32 or int64, got ",
-              dtype_name(ids.dtype));
-  check_float(probs, kOp, "probs");
-  check_float(weight, kOp, "weight");
-  check_dtype(out, weight.dtype, kOp, "out");
+  soft_embed_check(ids, probs, weight, out);
   const int64_t B = ids.size[0], k = ids.size[1], V = weight.size[0], D = weight.size[1];
-  DLMOM_CHECK(probs.size[0] == B && probs.size[1] == k, kOp, "probs must be [", B, ", ", k, "], got [",
-              probs.size[0], ", ", probs.size[1], "]");
-  DLMOM_CHECK(out.size[0] == B && out.size[1] == D, kOp, "out must be [", B, ", ", D, "], got [", out.size[0],
-              ", ", out.size[1], "]");
   if (ids.dtype == DType::i32) check_ids<int32_t>(ids, V); else check_ids<int64_t>(ids, V);
   DLMOM_DISPATCH_FLOAT(weight.dtype, W, kOp, {
     DLMOM_DISPATCH_FLOAT(probs.dtype, P, kOp, {

@@ -1,4 +1,4 @@
-// Helpers for the CUDA kernels: launch checks and block reductions.
+// Helpers for the CUDA kernels: launch checks, streams, vector unpacking.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -15,5 +15,16 @@ inline void check_launch(const char* op) {
 }
 
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// Eight f16 / bf16 values from one 16-byte load: two per 32-bit word, the lower address in the low half.
+template <typename H>
+__device__ __forceinline__ void unpack_halves(const uint4& u, float (&d)[8]) {
+  const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    d[2 * i] = to_float(H{uint16_t(words[i] & 0xffffu)});
+    d[2 * i + 1] = to_float(H{uint16_t(words[i] >> 16)});
+  }
+}
 
 }  // namespace dlmom

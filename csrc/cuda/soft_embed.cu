@@ -43,18 +43,8 @@ __global__ void soft_embed_kernel(const I* __restrict__ ids, int64_t ids_s0, con
 
 void soft_embed_cuda(const View& ids, const View& probs, const View& weight, float scale, const View& out,
                      void* stream) {
-  check_view(ids, kOp, "ids", 2);        // [B, k]
-  check_view(probs, kOp, "probs", 2);    // [B, k]
-  check_view(weight, kOp, "weight", 2);  // [V, D]
-  check_view(out, kOp, "out", 2);        // [B, D]
-  DLMOM_CHECK(ids.dtype == DType::i32 || ids.dtype == DType::i64, kOp, "ids must be int32 or int64, got ",
-              dtype_name(ids.dtype));
-  check_float(probs, kOp, "probs");
-  check_float(weight, kOp, "weight");
-  check_dtype(out, weight.dtype, kOp, "out");
+  soft_embed_check(ids, probs, weight, out);
   const int64_t B = ids.size[0], k = ids.size[1], V = weight.size[0], D = weight.size[1];
-  DLMOM_CHECK(probs.size[0] == B && probs.size[1] == k, kOp, "probs must be [", B, ", ", k, "]");
-  DLMOM_CHECK(out.size[0] == B && out.size[1] == D, kOp, "out must be [", B, ", ", D, "]");
   if (B == 0 || D == 0) return;
   const dim3 grid(unsigned((D + kThreads - 1) / kThreads), unsigned(B < 65535 ? B : 65535));
   DLMOM_DISPATCH_FLOAT(weight.dtype, W, kOp, {

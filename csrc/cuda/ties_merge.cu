@@ -31,16 +31,6 @@ __device__ __forceinline__ void unpack(const uint4& u, float (&d)[4]) {
   d[2] = __uint_as_float(u.z);
   d[3] = __uint_as_float(u.w);
 }
-template <typename H>  // f16 or bf16: two per 32-bit word, the lower address in the low half
-__device__ __forceinline__ void unpack(const uint4& u, float (&d)[8]) {
-  const uint32_t words[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    d[2 * i] = to_float(H{uint16_t(words[i] & 0xffffu)});
-    d[2 * i + 1] = to_float(H{uint16_t(words[i] >> 16)});
-  }
-}
-
 // p must be 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, float (&d)[kVecOf<T>]) {
@@ -48,7 +38,7 @@ __device__ __forceinline__ void load_vec(const T* p, float (&d)[kVecOf<T>]) {
   if constexpr (sizeof(T) == 4) {
     unpack(u, d);
   } else {
-    unpack<T>(u, d);
+    unpack_halves<T>(u, d);
   }
 }
 

@@ -78,13 +78,7 @@ __device__ __forceinline__ void load_items(const float* p, float (&v)[kItems]) {
 }
 template <typename T>  // f16 / bf16: 8 x 16 bits in one 16-byte load
 __device__ __forceinline__ void load_items(const T* p, float (&v)[kItems]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    v[2 * j] = to_float(T{uint16_t(w[j] & 0xffffu)});
-    v[2 * j + 1] = to_float(T{uint16_t(w[j] >> 16)});
-  }
+  unpack_halves<T>(*reinterpret_cast<const uint4*>(p), v);
 }
 
 // grid: B * nsplit blocks, block (row, split) -> states[row, split] and cands[row, split, 0:kk], best first.
