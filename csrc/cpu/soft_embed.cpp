@@ -13,6 +13,8 @@ __attribute__((target_clones("arch=x86-64-v3", "default")))
 void soft_embed_rows(const I* ids, int64_t ids_s0, const P* probs, int64_t probs_s0, const W* weight, int64_t w_s0,
                      W* out, int64_t out_s0, int64_t B, int64_t k, int64_t D, float scale) {
   const int64_t tiles = (D + kSoftEmbedTile - 1) / kSoftEmbedTile;
+  constexpr int64_t kLine = 64 / int64_t(sizeof(W));  // elements per cache line
+  constexpr int64_t kChunk = 4 * kLine;              // elements per prefetch step
   // Parallel only when the work pays for waking the threads.
 #pragma omp parallel for collapse(2) schedule(static) if (B * k * D > (1 << 17))
   for (int64_t b = 0; b < B; ++b) {
@@ -22,8 +24,16 @@ void soft_embed_rows(const I* ids, int64_t ids_s0, const P* probs, int64_t probs
       const P* row_probs = probs + b * probs_s0;
       float acc[kSoftEmbedTile];
       for (int64_t d = 0; d < n; ++d) acc[d] = 0.f;
-      for (int64_t i = 0; i < k; ++i)
-        soft_embed_axpy(acc, weight + load_id(row_ids, i) * w_s0 + d0, to_float(row_probs[i]), n);
+      for (int64_t i = 0; i < k; ++i) {
+        const W* row = weight + load_id(row_ids, i) * w_s0 + d0;
+        // Rows are scattered over the whole matrix: fetch the next one while this one streams through.
+        const W* next = i + 1 < k ? weight + load_id(row_ids, i + 1) * w_s0 + d0 : row;
+        const float w = to_float(row_probs[i]);
+        for (int64_t c = 0; c < n; c += kChunk) {
+          for (int64_t line = 0; line < kChunk; line += kLine) __builtin_prefetch(next + c + line, 0, 3);
+          soft_embed_axpy(acc + c, row + c, w, (n - c < kChunk) ? n - c : kChunk);
+        }
+      }
       W* o = out + b * out_s0 + d0;
       for (int64_t d = 0; d < n; ++d) o[d] = from_float<W>(scale * acc[d]);
     }
