@@ -84,6 +84,17 @@ def test_identical_experts_agree_with_one(model, tok):
         assert all(r["agreement"] == 1.0 for r in res.trace)
 
 
+def test_switches_and_their_reasons_are_in_the_trace(model, tok):
+    # A low threshold makes a flat entropy "high", a zero latent cap then forces the switch back.
+    moe = DLMoM([(model, tok)], config=DLMoMConfig(controller="swir", start_mode="explicit", block_size=2,
+                                                   entropy_threshold=0.0, max_latent_steps=3))
+    res = moe.generate([PROMPTS[0]], max_new_tokens=12)[0]
+    switches = [(t["step"], t["switch"]) for t in res.trace if "switch" in t]
+    assert switches and switches[0][1].startswith("to latent: entropy")
+    assert any("latent cap 3 reached" in reason for _, reason in switches), switches
+    assert res.trace[-1]["switches"] >= 1
+
+
 def test_result_shape_trace_route_usage(tok):
     experts = [Expert(llama(tok, seed=s), tok, name=f"e{s}") for s in (0, 1)]
     moe = DLMoM(experts, config=DLMoMConfig(top_k=5, preview_tokens=3, top_m=1))

@@ -272,10 +272,13 @@ class DLMoM:
             merged = consensus.merge(stacked, theta=cfg.theta, elect=cfg.elect, weights=weights)
             packet = topk_packet(merged, k, temperature=cfg.temperature, top_p=cfg.top_p)
             in_preview = step < preview
+            switched: dict[int, str] = {}
             if in_preview:
                 modes = torch.full((B,), EXPLICIT, dtype=torch.long)
             else:
+                seen = len(controller.events)
                 modes = controller.step(packet.entropy, active=~finished)
+                switched = {e.row: f"to {e.to}: {e.reason}" for e in controller.events[seen:]}
             top1 = packet.ids[:, 0]
             token = top1
             if cfg.do_sample and not in_preview:
@@ -305,6 +308,8 @@ class DLMoM:
                                   zip(packet.ids[b, :5].tolist(), packet.probs[b, :5].tolist())],
                           "agreement": float(agree[b]), "switches": int(controller.switches[b]),
                           "bus_bytes": step_bytes}
+                if b in switched:
+                    record["switch"] = switched[b]
                 traces[b].append(record)
                 if not is_latent and out in eos:
                     finished[b] = True
