@@ -26,6 +26,7 @@ def _info(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from . import baselines
     from .engine import DLMoM, DLMoMConfig
 
     config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
@@ -35,8 +36,12 @@ def _run(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json
     moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=args.device,
                                 progress=not quiet)
-    results = moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
-                           progress=not quiet)
+    if args.method == "dlmom":
+        results = moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                               progress=not quiet)
+    else:
+        results = baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
+                                config=config, expert=args.expert, seed=args.seed, stop=args.stop)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
         return 0
@@ -44,7 +49,11 @@ def _run(args: argparse.Namespace) -> int:
         if len(args.prompts) > 1:
             print(f"### {prompt}")
         print(r.text)
-        if not args.quiet:
+        if not args.quiet and args.method != "dlmom":
+            agents = ", ".join(e["expert"] for e in r.usage["experts"])
+            print(f"[{args.method}: {r.usage['generated_tokens']} tokens generated (whole batch); agents: {agents}; "
+                  f"{r.usage['wall_s']:.1f} s]", file=sys.stderr)
+        elif not args.quiet:
             latent = sum(t["mode"] == "latent" for t in r.trace)
             kept = [x["expert"] for x in r.route if x["kept"]] or [e["expert"] for e in r.usage["experts"]]
             print(f"[{len(r.trace)} steps, {latent} latent, {r.usage['switches']} switches; experts: "
@@ -74,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experts", nargs="+", metavar="MODEL",
                      help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary")
     run.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="steps to generate (default 256)")
+    run.add_argument("--method", choices=["dlmom", "single", "text-mas"], default="dlmom",
+                     help="dlmom: the experts reason together in latent space (default); single: one expert "
+                          "alone (see --expert), plain generate; text-mas: the experts in their roles as a "
+                          "sequential text pipeline, each reading the earlier answers, the last one answers")
+    run.add_argument("--expert", type=int, default=0, metavar="I",
+                     help="which expert --method single runs: an index into the experts (default 0, the first)")
     run.add_argument("--controller", choices=["swir", "explicit", "latent"], default="swir",
                      help="swir: switch on the entropy trend (default); explicit: always tokens; latent: "
                           "packets until --max-latent-steps, then tokens")

@@ -1,0 +1,175 @@
+"""What a user would run instead of DL-MoM, measured the same way: one expert alone, and a text pipeline.
+
+``run(method, experts, prompts, ...)`` answers prompts with one of METHODS and returns the engine's
+``Result`` list (one per prompt), so one harness compares them:
+
+- ``"dlmom"``: the engine (``DLMoM(experts, config).generate``).
+- ``"single"``: one expert alone (``expert``: its index, default the first), transformers' ``generate`` on
+  its chat-templated prompt; greedy unless ``config.do_sample`` (then ``config.temperature``/``top_p``).
+- ``"text-mas"``: the experts in their roles as a sequential text pipeline. Agent i reads the prompt and
+  the full text answers of agents 0..i-1 and writes its own with the same ``max_new_tokens``; the last
+  agent's text is the answer. Roles that share a model still run one after another: that is the baseline.
+
+Baselines batch the prompts (left padding, as the engine does). Their usage counts what the forwards
+processed, like the engine's: ``prefill_tokens`` are the non-pad prompt tokens, ``decode_tokens`` one per
+row per decode forward (``generate`` keeps feeding rows that already ended until the whole batch ends,
+and so does the engine). ``generated_tokens`` counts only the tokens each row produced up to and
+including its end-of-sequence token. ``expert_forward_s`` is the time inside the models' forwards (a hook
+around each call); ``bus_bytes`` is, for text-mas, the UTF-8 bytes of answer text handed from agent to
+agent (an answer read by two later agents counts twice), 0 for single.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from .engine import DLMoM, DLMoMConfig, Result, _seeded
+from .experts import Expert, as_expert
+from .soft_thinking import _left_pad
+
+METHODS = ("dlmom", "single", "text-mas")
+
+
+@contextlib.contextmanager
+def _forward_timer(model: torch.nn.Module, clock: list[float]):
+    """Adds the seconds spent inside ``model``'s forward calls to ``clock[0]``."""
+    started: list[float] = []
+
+    def before(module, args, kwargs):
+        started.append(time.perf_counter())
+
+    def after(module, args, kwargs, output):
+        if output is not None and hasattr(output, "logits") and output.logits.is_cuda:
+            torch.cuda.synchronize(output.logits.device)
+        clock[0] += time.perf_counter() - started.pop()
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: DLMoMConfig, clock: list[float],
+            ) -> tuple[list[str], dict]:
+    """One expert's answers to a batch of prompts with transformers' generate; (texts, usage counts)."""
+    tok, model = expert.tokenizer, expert.model
+    eos = expert.eos_ids()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos or {0})
+    rows = [expert.prompt_ids(p, chat=config.chat) for p in prompts]
+    ids, mask = _left_pad(rows, pad_id, expert.device)
+    sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
+        else dict(do_sample=False)
+    with _forward_timer(model, clock), torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id, eos_token_id=sorted(eos) or None, **sampling)
+    new = out[:, ids.shape[1]:].tolist()
+    texts, generated = [], 0
+    for row in new:
+        end = next((i for i, t in enumerate(row) if t in eos), None)
+        kept = row if end is None else row[:end]
+        generated += len(kept) + (end is not None)
+        texts.append(tok.decode(kept, skip_special_tokens=True))
+    steps = len(new[0]) if new else 0
+    counts = {"expert": expert.name, "prefill_tokens": int(mask.sum()),
+              "decode_tokens": max(steps - 1, 0) * len(prompts), "generated_tokens": generated}
+    return texts, counts
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    hit = [text.index(s) for s in stops if s in text]
+    return text[:min(hit)] if hit else text
+
+
+def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
+    """What a text-mas agent reads: the question, then every earlier agent's full answer."""
+    if not earlier:
+        return prompt
+    parts = [f"Question: {prompt}", ""]
+    for name, text in earlier:
+        parts += [f"Answer from {name}:", text, ""]
+    parts.append("Using the answers above, give your own answer to the question.")
+    return "\n".join(parts)
+
+
+def _usage(method: str, start: float, clock: list[float], experts: list[dict], bus_bytes: int) -> dict:
+    return {"method": method, "experts": experts, "wall_s": time.perf_counter() - start,
+            "expert_forward_s": clock[0], "latent_steps": 0, "bus_bytes": bus_bytes, "switches": 0,
+            "generated_tokens": sum(e["generated_tokens"] for e in experts)}
+
+
+def single(experts, prompts: list[str], *, expert: int = 0, max_new_tokens: int = 256,
+           config: DLMoMConfig | None = None, stop: list[str] | None = None) -> list[Result]:
+    """Expert ``expert`` alone. trace: one record (the agent, its prompt and answer) per prompt."""
+    config = config or DLMoMConfig()
+    chosen = experts[expert]
+    start, clock = time.perf_counter(), [0.0]
+    texts, counts = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
+    texts = [_cut(t, stop or []) for t in texts]
+    usage = _usage("single", start, clock, [counts], 0)
+    return [Result(t, [{"agent": chosen.name, "prompt": p, "text": t}], [], usage) for p, t in zip(prompts, texts)]
+
+
+def text_mas(experts, prompts: list[str], *, max_new_tokens: int = 256, config: DLMoMConfig | None = None,
+             stop: list[str] | None = None) -> list[Result]:
+    """The sequential text pipeline. trace: one record per agent (its prompt and full answer)."""
+    config = config or DLMoMConfig()
+    start, clock = time.perf_counter(), [0.0]
+    earlier: list[list[tuple[str, str]]] = [[] for _ in prompts]
+    traces: list[list[dict]] = [[] for _ in prompts]
+    counts, bus_bytes, texts = [], 0, [""] * len(prompts)
+    for agent in experts:
+        asked = [_pipeline_prompt(p, e) for p, e in zip(prompts, earlier)]
+        bus_bytes += sum(len(t.encode()) for e in earlier for _, t in e)
+        texts, c = _answer(agent, asked, max_new_tokens=max_new_tokens, config=config, clock=clock)
+        counts.append(c)
+        for b, text in enumerate(texts):
+            earlier[b].append((agent.name, text))
+            traces[b].append({"agent": agent.name, "prompt": asked[b], "text": text})
+    texts = [_cut(t, stop or []) for t in texts]
+    usage = _usage("text-mas", start, clock, counts, bus_bytes)
+    return [Result(t, trace, [], usage) for t, trace in zip(texts, traces)]
+
+
+def run(method: str, experts, prompts, *, max_new_tokens: int = 256, config: DLMoMConfig | None = None,
+        expert: int = 0, seed: int | None = None, stop=None, progress: bool = False) -> list[Result]:
+    """Answer ``prompts`` with ``method`` (one of METHODS) on ``experts`` (as DLMoM takes them); one Result
+    per prompt. ``config`` is the engine's; baselines read ``chat``, ``do_sample``, ``temperature`` and
+    ``top_p`` from it. ``expert``: which expert ``"single"`` runs (an index into ``experts``)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if config is not None and not isinstance(config, DLMoMConfig):
+        raise ValueError(f"config must be a DLMoMConfig, got {type(config).__name__}")
+    if method == "dlmom":
+        return DLMoM(experts, config).generate(prompts, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+                                               progress=progress)
+    # The engine validates its own arguments; the baselines check the same ones with the same messages.
+    if isinstance(experts, (str, Expert, tuple)) or not hasattr(experts, "__iter__"):
+        experts = [experts]
+    experts = [as_expert(e, i) for i, e in enumerate(experts)]
+    if not experts:
+        raise ValueError("experts must hold at least one expert, got an empty list")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < len(experts):
+        raise ValueError(f"expert must be an index in [0, {len(experts) - 1}], got {expert!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    with _seeded(seed, experts[0].device):
+        if method == "single":
+            return single(experts, list(prompts), expert=expert, max_new_tokens=max_new_tokens, config=config,
+                          stop=stops)
+        return text_mas(experts, list(prompts), max_new_tokens=max_new_tokens, config=config, stop=stops)
