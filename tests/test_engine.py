@@ -1,6 +1,7 @@
 """The DL-MoM loop on tiny random models: exactness against transformers, batching, seeds, consensus,
 the Text-Bridge, and argument errors."""
 import copy
+import math
 
 import pytest
 import torch
@@ -103,12 +104,26 @@ def test_result_shape_trace_route_usage(tok):
     r = res[0]
     assert isinstance(r.text, str) and len(r.trace) >= 1
     assert [t["mode"] for t in r.trace[:3]] == ["preview"] * 3
-    assert {"step", "mode", "entropy", "token", "top", "agreement", "switches", "bus_bytes"} <= set(r.trace[0])
+    assert {"step", "mode", "entropy", "id", "token", "top", "agreement", "switches", "bus_bytes"} <= set(r.trace[0])
     assert 0.0 <= r.trace[0]["entropy"] <= 1.0 and len(r.trace[0]["top"]) == 5
     assert [x["expert"] for x in r.route] == ["e0", "e1"] and sum(x["kept"] for x in r.route) == 1
     assert {x["expert"] for x in r.usage["experts"]} == {"e0", "e1"}
     assert r.usage["wall_s"] >= r.usage["expert_forward_s"] > 0
     assert r.usage["bus_bytes"] > 0 and r.to_dict()["text"] == r.text
+
+
+def test_router_scores_from_the_preview_steps_equal_teacher_forcing(tok):
+    experts = [Expert(llama(tok, seed=s), tok, name=f"e{s}") for s in (0, 1)]
+    moe = DLMoM(experts, config=DLMoMConfig(controller="explicit", preview_tokens=4))
+    res = moe.generate([PROMPTS[0]], max_new_tokens=6)[0]
+    ids = [t["id"] for t in res.trace if t["mode"] == "preview"]
+    nbytes = len(tok.decode(ids, skip_special_tokens=True).encode())
+    for e, r in zip(experts, res.route):
+        row = torch.tensor([e.prompt_ids(PROMPTS[0], chat=True) + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(e.model(row).logits[0, :-1].float(), -1).gather(-1, row[0, 1:, None])
+        expected = -float(logp[-len(ids):].sum()) / math.log(2) / nbytes
+        assert r["bits_per_byte"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
 
 def test_text_bridge_between_different_tokenizers():

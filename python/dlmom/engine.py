@@ -255,6 +255,7 @@ class DLMoM:
                                 max_latent_steps=cfg.max_latent_steps, start=cfg.start_mode)
         preview = cfg.preview_tokens if E > 1 else 0
         weights, route = None, [[] for _ in range(B)]
+        preview_bits = [torch.zeros(engine.roles, B) for engine in self.engines]  # [R, B] per engine
         engine_live = [True] * len(self.engines)
         eos = self.primary.eos_ids()
         shown: list[list[int]] = [[] for _ in range(B)]
@@ -296,6 +297,11 @@ class DLMoM:
             step_bytes = sum(engine.roles for i, engine in enumerate(self.engines)
                              if engine_live[i] and not self.bridged[i]) * packet_bytes(feed_ids, feed_probs)
 
+            if in_preview:  # the router's score of the preview, from logits the experts produced anyway
+                for i, x in enumerate(logits):
+                    if not self.bridged[i]:
+                        lp = torch.log_softmax(x.float(), dim=-1).gather(-1, token.view(1, -1, 1).expand(x.shape[0], -1, 1))
+                        preview_bits[i] -= torch.where(finished.to(lp.device), 0.0, lp[..., 0]).cpu() / math.log(2)
             token_list, top1_list = token.tolist(), top1.tolist()
             for b in range(B):
                 if finished[b]:
@@ -303,7 +309,7 @@ class DLMoM:
                 is_latent = bool(latent[b])
                 out = top1_list[b] if is_latent else token_list[b]
                 record = {"step": step, "mode": "preview" if in_preview else ("latent" if is_latent else "explicit"),
-                          "entropy": float(packet.entropy[b]), "token": self._decode([out]),
+                          "entropy": float(packet.entropy[b]), "id": out, "token": self._decode([out]),
                           "top": [[self._decode([i]), round(float(p), 4)] for i, p in
                                   zip(packet.ids[b, :5].tolist(), packet.probs[b, :5].tolist())],
                           "agreement": float(agree[b]), "switches": int(controller.switches[b]),
@@ -322,7 +328,7 @@ class DLMoM:
                     finished[b] = True
 
             if in_preview and step == preview - 1:
-                weights, engine_live = self._route(prompts, shown, route)
+                weights, engine_live = self._route(prompts, shown, route, preview_bits)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             bus_total += step_bytes * int((~finished).sum())
@@ -336,12 +342,17 @@ class DLMoM:
         usage["bridge_resyncs"] = sum(bridge.resyncs for bridge in bridges.values())
         return [Result(texts[b], traces[b], route[b], usage) for b in range(B)]
 
-    def _route(self, prompts, shown, route):
+    def _route(self, prompts, shown, route, preview_bits):
         """Score every expert on the preview; per prompt keep the best top_m. Returns (weights [E, B],
-        engines still needed by some prompt)."""
+        engines still needed by some prompt). Experts on the primary vocabulary are scored from the
+        log-probabilities of the preview steps; the others re-read prompt + preview with their tokenizer."""
         previews = [self._decode(s) for s in shown]
-        own_ids = [None if bridged else shown for bridged in self.bridged]
-        bpb = router.score(self.engines, prompts, previews, chat=self.config.chat, preview_ids=own_ids)  # [E, B]
+        nbytes = torch.tensor([max(len(p.encode()), 1) for p in previews], dtype=torch.float32)
+        bridged = [e for i, e in enumerate(self.engines) if self.bridged[i]]
+        teacher = iter(router.score(bridged, prompts, previews, chat=self.config.chat).split(
+            [e.roles for e in bridged])) if bridged else iter(())
+        bpb = torch.cat([next(teacher) if self.bridged[i] else preview_bits[i] / nbytes
+                         for i in range(len(self.engines))], dim=0)  # [E, B]
         kept, weights = router.select(bpb, self.config.top_m)
         for b in range(len(prompts)):
             route[b].extend({"expert": e.name, "bits_per_byte": round(float(bpb[i, b]), 4), "kept": bool(kept[i, b]),

@@ -1,7 +1,7 @@
 """The perplexity-probing router: rank experts by how well they predict a short preview.
 
-The engine generates a preview of ``preview_tokens`` tokens greedily with the consensus of all experts
-and decodes it to text; every expert then scores that text conditioned on the prompt, in bits per byte
+The engine generates a preview of ``preview_tokens`` tokens greedily with the consensus of all experts;
+every expert scores that text conditioned on the prompt, in bits per byte
 (per byte, never per token, so experts with different tokenizers are comparable). Per prompt, the best
 ``top_m`` experts are kept and weighted by exp(-(bpb - best bpb)) in the consensus; the others get 0.
 """
@@ -10,13 +10,11 @@ from __future__ import annotations
 import torch
 
 
-def score(engines, prompts: list[str], previews: list[str], *, chat: bool,
-          preview_ids: list[list[list[int]] | None] | None = None) -> torch.Tensor:
-    """[E, B] bits per byte of each preview under each expert (engines' roles in order).
-    ``preview_ids[i]``: the previews as engine i's own token ids, or None to encode the text."""
-    ids = preview_ids or [None] * len(engines)
-    return torch.cat([engine.bits_per_byte(prompts, previews, chat=chat, continuation_ids=i)
-                      for engine, i in zip(engines, ids)], dim=0)
+def score(engines, prompts: list[str], previews: list[str], *, chat: bool) -> torch.Tensor:
+    """[E, B] bits per byte of each preview under each expert (engines' roles in order), teacher-forced.
+    The engine uses this for experts with another tokenizer; experts on its own vocabulary are scored
+    from the log-probabilities of the preview steps themselves (no extra forward)."""
+    return torch.cat([engine.bits_per_byte(prompts, previews, chat=chat) for engine in engines], dim=0)
 
 
 def select(bpb: torch.Tensor, top_m: int | None) -> tuple[torch.Tensor, torch.Tensor]:

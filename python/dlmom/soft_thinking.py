@@ -8,6 +8,7 @@ attention mask as transformers' ``generate`` computes them.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -106,27 +107,24 @@ class SoftThinkingEngine:
         self._count(self.decode_tokens, new_mask)
         return logits[:, -1].view(self.roles, self.batch, -1)
 
-    def bits_per_byte(self, prompts: list[str], continuations: list[str], *, chat: bool,
-                      continuation_ids: list[list[int]] | None = None) -> torch.Tensor:
+    def bits_per_byte(self, prompts: list[str], continuations: list[str], *, chat: bool) -> torch.Tensor:
         """[R, B]: -log2 p(continuation | prompt) per byte of continuation text, for every role, teacher-forced
-        in a fresh cache. Per byte, not per token: comparable across tokenizers. ``continuation_ids``
-        (this model's own token ids of the continuations) skip re-encoding the text, which a continuation
-        that ends inside a multi-byte character would not survive."""
+        in a fresh cache. Per byte, not per token: comparable across tokenizers."""
         rows, spans = [], []
         for e in self.experts:
-            for i, (p, text) in enumerate(zip(prompts, continuations)):
+            for p, text in zip(prompts, continuations):
                 head = e.prompt_ids(p, chat=chat)
-                tail = list(continuation_ids[i]) if continuation_ids is not None else \
-                    self.tokenizer.encode(text, add_special_tokens=False)
+                tail = self.tokenizer.encode(text, add_special_tokens=False)
                 rows.append(head + tail)
                 spans.append(len(tail))
         ids, mask = _left_pad(rows, self.pad_id, self.device)
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        logits, _, _ = self._run(mask, self._new_cache(), None, zero, 0, input_ids=ids)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # [N, L-1]
-        width = ids.shape[1]
-        bits = []
-        for i, n in enumerate(spans):
-            bits.append(-float(logp[i, width - 1 - n:].sum()) / torch.log(torch.tensor(2.0)).item() if n else 0.0)
+        # Only the positions that predict a continuation token: the prompt's logits would be [N, L, V].
+        keep = max(spans) + 1
+        logits, _, _ = self._run(mask, self._new_cache(), None, zero, keep, input_ids=ids)  # [N, keep, V]
+        self._count(self.prefill_tokens, mask)
+        targets = ids[:, ids.shape[1] - keep + 1:, None]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets)[..., 0]  # [N, keep-1]
+        bits = [-float(logp[i, keep - 1 - n:].sum()) / math.log(2) if n else 0.0 for i, n in enumerate(spans)]
         nbytes = [max(len(t.encode()), 1) for t in continuations] * self.roles
         return (torch.tensor(bits) / torch.tensor(nbytes, dtype=torch.float32)).view(self.roles, -1)
