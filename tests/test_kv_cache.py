@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 import dlmom
 import tiny_models
-from dlmom.kv_cache import KIVILayer
+from dlmom.kv_cache import KIVILayer, cache_nbytes, new_cache
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,16 @@ def test_generate_equals_dynamic_cache_when_residual_covers_the_sequence(model, 
             with pytest.warns(FutureWarning, match="past_key_values"):
                 got = model.generate(ids, past_key_values=dlmom.KIVICache(group_size=32, residual_length=64), **args)
     assert torch.equal(got, want)
+
+
+def test_sliding_window_model_equals_dynamic_cache(tok):
+    # Gemma 3 has sliding-window layers: KIVICache keeps them whole and the model's mask applies the window.
+    model = tiny_models.gemma3(tok)
+    ids = _ids(tok, 40, batch=2, seed=6)
+    args = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, cache=dlmom.KIVICache(group_size=32, residual_length=64), **args),
+                           model.generate(ids, **args))
 
 
 # ---------------------------------------------------------------- what is quantised, and how well
@@ -214,6 +224,16 @@ def test_crop_inside_the_full_precision_keys():
 def test_bad_configuration_raises_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         dlmom.KIVICache(**kwargs)
+
+
+def test_new_cache_and_cache_nbytes(model, tok):
+    full, kivi = new_cache("full", model.config), new_cache("kivi", model.config, group_size=8, residual_length=16)
+    assert isinstance(full, DynamicCache) and isinstance(kivi, dlmom.KIVICache) and kivi.residual_length == 16
+    assert cache_nbytes(None) == cache_nbytes(full) == 0
+    _forward(model, _ids(tok, 20), full, "cache")
+    assert cache_nbytes(full) == _dense_nbytes(full) > 0
+    with pytest.raises(ValueError, match="kv must be one of"):
+        new_cache("zip", model.config)
 
 
 def test_exported_lazily():

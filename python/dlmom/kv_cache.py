@@ -29,6 +29,9 @@ from .op_types import QuantizedKV
 from .ops import kv_dequant2, kv_quant2
 
 
+KV_MODES = ("full", "kivi")
+
+
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -214,3 +217,24 @@ class KIVICache(Cache):
     def nbytes(self) -> int:
         """Bytes held over all layers: 2-bit codes, scales, zero points and the full-precision parts."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+def new_cache(kv: str, config, *, group_size: int = 32, residual_length: int = 128) -> Cache:
+    """A fresh cache for a model with ``config``: ``kv="full"`` a DynamicCache, ``"kivi"`` a KIVICache."""
+    if kv == "full":
+        from transformers import DynamicCache
+
+        return DynamicCache(config=config)
+    if kv == "kivi":
+        return KIVICache(group_size=group_size, residual_length=residual_length)
+    raise ValueError(f"new_cache: kv must be one of {KV_MODES}, got {kv!r}")
+
+
+def cache_nbytes(cache: Cache | None) -> int:
+    """Bytes a cache holds: ``nbytes()`` where it has one, else the key and value tensors of its layers."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    return sum(_nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
+               for layer in cache.layers)

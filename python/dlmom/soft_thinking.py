@@ -43,15 +43,25 @@ class SoftThinkingEngine:
         self.forward_s = 0.0
         self.prefill_tokens = [0] * len(experts)
         self.decode_tokens = [0] * len(experts)
+        # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); the DLMoM loop sets these.
+        self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
+        self.cache = None
 
     @property
     def roles(self) -> int:
         return len(self.experts)
 
-    def _new_cache(self):
-        from transformers import DynamicCache
+    def _new_cache(self, kv: str | None = None):
+        from .kv_cache import new_cache
 
-        return DynamicCache(config=self.model.config)
+        return new_cache(kv or self.kv, self.model.config, group_size=self.kv_group_size,
+                         residual_length=self.kv_residual_length)
+
+    def cache_nbytes(self) -> int:
+        """Bytes the prefill / decode cache holds now (all rows of all roles)."""
+        from .kv_cache import cache_nbytes
+
+        return cache_nbytes(self.cache)
 
     def _run(self, new_mask: torch.Tensor, cache, mask: torch.Tensor | None, next_pos: torch.Tensor,
              keep: int, **inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,7 +132,8 @@ class SoftThinkingEngine:
                 spans.append(len(tail))
         ids, mask = _left_pad(rows, self.pad_id, self.device)
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        logits, _, _ = self._run(mask, self._new_cache(), None, zero, 0, input_ids=ids)
+        # One teacher-forced forward: a compressed cache would only cost time here.
+        logits, _, _ = self._run(mask, self._new_cache("full"), None, zero, 0, input_ids=ids)
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # [N, L-1]
         width = ids.shape[1]
         bits = []
