@@ -34,6 +34,14 @@ def test_run_json_prints_only_json(model_folder):
     assert 1 <= len(results[0]["trace"]) <= 6
 
 
+def test_run_kv_kivi_reports_cache_bytes(model_folder):
+    done = dlmom("run", "What is 12 * 7?", "--experts", model_folder, "--max-new-tokens", "4", "--kv", "kivi",
+                 "--json")
+    assert done.returncode == 0, done.stderr
+    usage = json.loads(done.stdout)[0]["usage"]
+    assert usage["kv"] == "kivi" and usage["experts"][0]["cache_bytes"] > 0
+
+
 def test_run_prints_the_answer_on_stdout(model_folder):
     done = dlmom("run", "What is 12 * 7?", "--experts", model_folder, "--max-new-tokens", "4",
                  "--controller", "explicit")
@@ -47,6 +55,7 @@ def test_run_prints_the_answer_on_stdout(model_folder):
     (["run", "hi", "--top-k", "many"], "argument --top-k: invalid int value"),
     (["run", "hi", "--bogus"], "unrecognized arguments: --bogus"),
     (["run", "hi", "--controller", "auto"], "invalid choice"),
+    (["run", "hi", "--kv", "zip"], "invalid choice"),
     (["run", "hi", "--experts", "/no/such/model.gguf"], "no such GGUF file"),
     (["run", "hi", "--experts", "./no/such/folder"], "no such file or folder"),
     (["fly"], "invalid choice"),

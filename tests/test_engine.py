@@ -158,6 +158,9 @@ def test_text_bridge_between_different_tokenizers():
     (lambda m, t: DLMoMConfig(noise="pink"), "noise must be one of"),
     (lambda m, t: DLMoMConfig(elect="max"), "elect must be"),
     (lambda m, t: DLMoMConfig(top_m=0), "top_m must be"),
+    (lambda m, t: DLMoMConfig(kv="zip"), "kv must be one of"),
+    (lambda m, t: DLMoMConfig(kv="kivi", kv_group_size=0), "kv_group_size must be an integer >= 1"),
+    (lambda m, t: DLMoMConfig(kv="kivi", kv_residual_length=100), "kv_residual_length must be a multiple"),
     (lambda m, t: DLMoM([(m, t), (copy.deepcopy(m).to("meta"), t)]), "experts must all be on one device"),
     (lambda m, t: DLMoM([(m, t)], config={"top_k": 3}), "config must be a DLMoMConfig"),
     (lambda m, t: DLMoM([42]), r"experts\[0\] must be an Expert"),
@@ -179,3 +182,30 @@ def test_stop_string_ends_the_answer(model, tok):
     cut = moe.generate([PROMPTS[0]], max_new_tokens=24, stop=stop)[0].text
     assert cut == full[:full.index(stop)]
     assert dlmom.DLMoM is DLMoM
+
+
+def _cache_bytes(result) -> dict:
+    return {u["expert"]: u["cache_bytes"] for u in result.usage["experts"]}
+
+
+def test_kivi_cache_equals_full_while_nothing_is_quantised(model, tok):
+    roles = [Expert(model, tok, name=f"r{i}") for i in range(2)]
+    full = DLMoM(roles, config=DLMoMConfig(top_k=4)).generate(PROMPTS[:2], max_new_tokens=16)
+    kivi = DLMoM(roles, config=DLMoMConfig(top_k=4, kv="kivi", kv_residual_length=512)).generate(
+        PROMPTS[:2], max_new_tokens=16)
+    assert [r.text for r in kivi] == [r.text for r in full]
+    assert [t["top"] for t in kivi[0].trace] == [t["top"] for t in full[0].trace]
+    assert full[0].usage["kv"] == "full" and kivi[0].usage["kv"] == "kivi"
+    assert _cache_bytes(kivi[0]) == _cache_bytes(full[0]) and all(_cache_bytes(full[0]).values())
+
+
+def test_kivi_cache_in_the_loop_holds_fewer_bytes(model, tok):
+    roles = [Expert(model, tok, name=f"r{i}") for i in range(2)]
+    moe = DLMoM(roles, config=DLMoMConfig(top_k=4, kv="kivi", kv_group_size=8, kv_residual_length=16))
+    kivi = moe.generate(PROMPTS, max_new_tokens=24)
+    full = DLMoM(roles, config=DLMoMConfig(top_k=4)).generate(PROMPTS, max_new_tokens=24)
+    assert isinstance(moe.engines[0].cache, dlmom.KIVICache)
+    assert moe.engines[0].cache.layers[0].quantized_keys, "prompts longer than 16 tokens must be quantised"
+    assert all(len(r.trace) == 24 for r in kivi)
+    small, big = _cache_bytes(kivi[0]), _cache_bytes(full[0])
+    assert all(0 < small[name] < 0.6 * big[name] for name in big), (small, big)

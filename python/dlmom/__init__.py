@@ -15,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 OPS = ("soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2")
 
 __all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2", "Packet", "QuantizedKV",
-           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Expert"]
+           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Expert", "KIVICache"]
 
 
 def backend_info() -> dict:
@@ -57,4 +57,8 @@ def __getattr__(name):
         from .experts import Expert
 
         return Expert
+    if name == "KIVICache":
+        from .kv_cache import KIVICache
+
+        return KIVICache
     raise AttributeError(f"module 'dlmom' has no attribute {name!r}")

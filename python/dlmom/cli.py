@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
                          top_p=args.top_p, do_sample=args.sample, noise=args.noise, theta=args.theta,
-                         top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat)
+                         top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat,
+                         kv=args.kv)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     quiet = args.quiet or args.json
     moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=args.device,
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--theta", type=float, default=0.0, help="TIES trim threshold on centred logits (default 0)")
     run.add_argument("--top-m", type=int, metavar="M", help="experts the router keeps per prompt (default all)")
     run.add_argument("--max-latent-steps", type=int, default=64, metavar="N", help="latent step cap (default 64)")
+    run.add_argument("--kv", choices=["full", "kivi"], default="full",
+                     help="expert KV cache: full precision, or KIVI 2-bit (default full)")
     run.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings: the answer ends before the first")
     run.add_argument("--seed", type=int, help="seed for sampling and packet noise")
     run.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without chat templates")

@@ -18,6 +18,7 @@ from . import consensus, router
 from .bus import TextBridge, align_logits, packet_bytes, vocab_alignment
 from .controller import CONTROLLERS, EXPLICIT, LATENT, Controller
 from .experts import Expert, as_expert, default_experts
+from .kv_cache import KV_MODES
 from .ops import topk_packet
 from .soft_thinking import SoftThinkingEngine
 
@@ -35,7 +36,9 @@ class DLMoMConfig:
         alpha) on latent packets. theta, elect: TIES consensus. top_m: experts the router keeps (None:
         all). preview_tokens: the router's preview length. block_size, slope_threshold,
         variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps: the
-        controller (see dlmom.controller). chat: apply each tokenizer's chat template.
+        controller (see dlmom.controller). chat: apply each tokenizer's chat template. kv: each expert's
+        KV cache, "full" (transformers' DynamicCache) or "kivi" (dlmom.KIVICache: 2-bit keys per channel,
+        values per token, the last kv_residual_length tokens in full precision, groups of kv_group_size).
     """
 
     controller: str = "swir"
@@ -57,6 +60,9 @@ class DLMoMConfig:
     max_switches: int = 4
     max_latent_steps: int = 64
     chat: bool = True
+    kv: str = "full"
+    kv_group_size: int = 32
+    kv_residual_length: int = 128
 
     def __post_init__(self):
         def bad(name, expected):
@@ -99,13 +105,20 @@ class DLMoMConfig:
         integer("max_latent_steps", 0)
         if not isinstance(self.chat, bool):
             bad("chat", "True or False")
+        if self.kv not in KV_MODES:
+            bad("kv", f"one of {KV_MODES}")
+        integer("kv_group_size", 1)
+        integer("kv_residual_length", 1)
+        if self.kv_residual_length % self.kv_group_size:
+            bad("kv_residual_length", f"a multiple of kv_group_size={self.kv_group_size}")
 
 
 @dataclasses.dataclass
 class Result:
     """One prompt's answer. text renders every step (a latent step by the top-1 token of its packet);
     trace: one record per step; route: each expert's preview score and whether it was kept; usage:
-    tokens prefilled / decoded per expert (for the whole batch), wall and expert-forward seconds."""
+    tokens prefilled / decoded and KV-cache bytes held at the end per expert (for the whole batch), the kv
+    mode, wall and expert-forward seconds."""
 
     text: str
     trace: list[dict]
@@ -245,6 +258,8 @@ class DLMoM:
             engine.forward_s = 0.0
             engine.prefill_tokens = [0] * engine.roles
             engine.decode_tokens = [0] * engine.roles
+            engine.kv, engine.kv_group_size, engine.kv_residual_length = cfg.kv, cfg.kv_group_size, \
+                cfg.kv_residual_length
         B, E, device = len(prompts), len(self.experts), self.primary.device
         logits = [engine.prefill(prompts, chat=cfg.chat) for engine in self.engines]
         bridges = {i: TextBridge(self.primary.tokenizer, e.tokenizer, B)
@@ -382,9 +397,11 @@ class DLMoM:
         experts = []
         for engine in self.engines:
             for r, e in enumerate(engine.experts):
+                # One cache holds the rows of every role of a model, padded to one length: split evenly.
                 experts.append({"expert": e.name, "prefill_tokens": engine.prefill_tokens[r],
-                                "decode_tokens": engine.decode_tokens[r]})
-        return {"experts": experts, "wall_s": time.perf_counter() - start,
+                                "decode_tokens": engine.decode_tokens[r],
+                                "cache_bytes": engine.cache_nbytes() // engine.roles})
+        return {"experts": experts, "kv": self.config.kv, "wall_s": time.perf_counter() - start,
                 "expert_forward_s": sum(engine.forward_s for engine in self.engines),
                 "latent_steps": int(controller.latent_steps.sum()), "bus_bytes": bus_total,
                 "switches": int(controller.switches.sum())}

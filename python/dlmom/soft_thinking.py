@@ -44,15 +44,25 @@ class SoftThinkingEngine:
         self.forward_s = 0.0
         self.prefill_tokens = [0] * len(experts)
         self.decode_tokens = [0] * len(experts)
+        # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); the DLMoM loop sets these.
+        self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
+        self.cache = None
 
     @property
     def roles(self) -> int:
         return len(self.experts)
 
-    def _new_cache(self):
-        from transformers import DynamicCache
+    def _new_cache(self, kv: str | None = None):
+        from .kv_cache import new_cache
 
-        return DynamicCache(config=self.model.config)
+        return new_cache(kv or self.kv, self.model.config, group_size=self.kv_group_size,
+                         residual_length=self.kv_residual_length)
+
+    def cache_nbytes(self) -> int:
+        """Bytes the prefill / decode cache holds now (all rows of all roles)."""
+        from .kv_cache import cache_nbytes
+
+        return cache_nbytes(self.cache)
 
     def _run(self, new_mask: torch.Tensor, cache, mask: torch.Tensor | None, next_pos: torch.Tensor,
              keep: int, **inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,8 +130,9 @@ class SoftThinkingEngine:
         ids, mask = _left_pad(rows, self.pad_id, self.device)
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         # Only the positions that predict a continuation token: the prompt's logits would be [N, L, V].
+        # One teacher-forced forward: a compressed cache would only cost time here.
         keep = max(spans) + 1
-        logits, _, _ = self._run(mask, self._new_cache(), None, zero, keep, input_ids=ids)  # [N, keep, V]
+        logits, _, _ = self._run(mask, self._new_cache("full"), None, zero, keep, input_ids=ids)  # [N, keep, V]
         self._count(self.prefill_tokens, mask)
         targets = ids[:, ids.shape[1] - keep + 1:, None]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets)[..., 0]  # [N, keep-1]
