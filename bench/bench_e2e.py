@@ -8,8 +8,9 @@ high-water mark including loading.
 
 Columns: ``wall_s``; ``expert_forward_s`` (time inside the models' forwards); ``overhead_fraction`` =
 (wall - expert forward) / wall; ``tokens_generated`` (steps taken per prompt, latent ones included, summed
-over prompts and agents); ``tokens_processed`` (prefill + decode positions over all experts, plus for
-dlmom the router's scoring pass, which re-reads each role's prompt and the preview: ``router_tokens``);
+over prompts and agents); ``tokens_processed`` (prefill + decode positions over all experts, as the
+engine's usage counts them: the router scores experts on the shared vocabulary from the preview steps
+themselves, and a teacher-forced pass for bridged experts is counted in their prefill);
 ``bus_bytes`` (dlmom: packets on the bus; text-mas: answer text handed between agents); ``correct``: the
 arithmetic prompts whose expected number appears in the answer (a loose check, code tasks not scored).
 
@@ -99,20 +100,14 @@ def child(method: str, n: int, max_new_tokens: int, dtype: str, threads: int, re
     usage = results[0].usage  # the whole batch's
     prefill = sum(e["prefill_tokens"] for e in usage["experts"])
     decode = sum(e["decode_tokens"] for e in usage["experts"])
-    if kind == "dlmom":
-        generated = sum(len(r.trace) for r in results)
-        # The router's scoring pass re-reads every role's prompt plus the preview (not in the engine's usage).
-        preview = sum(t["mode"] == "preview" for r in results for t in r.trace)
-        router = prefill + len(experts) * preview if preview else 0
-    else:
-        generated, router = usage["generated_tokens"], 0
+    generated = sum(len(r.trace) for r in results) if kind == "dlmom" else usage["generated_tokens"]
     wall, forward = usage["wall_s"], usage["expert_forward_s"]
     return {
         "method": method, "prompts": n, "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats,
         "wall_s": round(wall, 3), "wall_s_slowest": round(max(walls), 3),
         "expert_forward_s": round(forward, 3), "overhead_fraction": round((wall - forward) / wall, 4),
-        "tokens_generated": generated, "tokens_processed": prefill + decode + router, "prefill_tokens": prefill,
-        "decode_tokens": decode, "router_tokens": router, "latent_steps": usage["latent_steps"],
+        "tokens_generated": generated, "tokens_processed": prefill + decode, "prefill_tokens": prefill,
+        "decode_tokens": decode, "latent_steps": usage["latent_steps"],
         "bus_bytes": usage["bus_bytes"], "bus_kind": {"dlmom": "packets", "text-mas": "text"}.get(kind, "-"),
         "peak_mem_bytes": peak[0], "loaded_rss_bytes": loaded,
         "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
