@@ -28,3 +28,19 @@ def layout(t: torch.Tensor, contiguous: bool) -> torch.Tensor:
 def _kernels_backend(monkeypatch):
     """Tests run the kernels unless they set DLMOM_BACKEND themselves."""
     monkeypatch.delenv("DLMOM_BACKEND", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level BPE tokenizer with a chat template, trained on the spot (tests/tiny_models.py)."""
+    from tiny_models import tokenizer
+
+    return tokenizer("bytes", 300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A tiny random Llama for ``tok``."""
+    from tiny_models import llama
+
+    return llama(tok, seed=0)

@@ -10,19 +10,9 @@ import torch
 
 from dlmom import DLMoMConfig, Expert, Result
 from dlmom.baselines import METHODS, _pipeline_prompt, run
-from tiny_models import hf_greedy, llama, tokenizer
+from tiny_models import hf_greedy, llama
 
 PROMPTS = ["What is 12 * 7?", "Add 3 to 5."]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer("bytes", 300)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return llama(tok, seed=0)
 
 
 @pytest.fixture(scope="module")

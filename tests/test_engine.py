@@ -13,16 +13,6 @@ from tiny_models import gemma3, hf_greedy, llama, tokenizer
 PROMPTS = ["What is 12 * 7?", "Add 3 to 5.", "Write a function that returns the sum of a list of numbers."]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer("bytes", 300)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return llama(tok, seed=0)
-
-
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
 def test_explicit_greedy_equals_transformers_generate(model, tok, prompt):
     moe = DLMoM([(model, tok)], config=DLMoMConfig(controller="explicit"))

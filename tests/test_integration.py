@@ -1,8 +1,7 @@
 """The engine on the real SmolLM2-135M-Instruct (the embedded default), from its GGUF package."""
 import pytest
-import torch
 
-from dlmom import DLMoM, DLMoMConfig, Expert
+from dlmom import DLMoM, DLMoMConfig
 from dlmom.experts import default_experts, default_gguf_path, load_pretrained
 
 pytestmark = pytest.mark.skipif(default_gguf_path() is None,

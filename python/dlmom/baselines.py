@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from .engine import DLMoM, DLMoMConfig, Result, _seeded
-from .experts import Expert, as_expert
+from .engine import DLMoM, DLMoMConfig, Result, _seeded, check_generate_args
+from .experts import Expert, as_experts
 from .soft_thinking import _left_pad
 
 METHODS = ("dlmom", "single", "text-mas")
@@ -147,27 +147,11 @@ def run(method: str, experts, prompts, *, max_new_tokens: int = 256, config: DLM
     if method == "dlmom":
         return DLMoM(experts, config).generate(prompts, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
                                                progress=progress)
-    # The engine validates its own arguments; the baselines check the same ones with the same messages.
-    if isinstance(experts, (str, Expert, tuple)) or not hasattr(experts, "__iter__"):
-        experts = [experts]
-    experts = [as_expert(e, i) for i, e in enumerate(experts)]
-    if not experts:
-        raise ValueError("experts must hold at least one expert, got an empty list")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    if not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    # The same checks and messages as the engine's.
+    experts = as_experts(experts)
+    prompts, stops = check_generate_args(prompts, max_new_tokens, seed, stop)
     if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < len(experts):
         raise ValueError(f"expert must be an index in [0, {len(experts) - 1}], got {expert!r}")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     with _seeded(seed, experts[0].device):
         if method == "single":
             return single(experts, list(prompts), expert=expert, max_new_tokens=max_new_tokens, config=config,

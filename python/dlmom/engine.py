@@ -17,7 +17,7 @@ import torch
 from . import consensus, router
 from .bus import TextBridge, align_logits, packet_bytes, vocab_alignment
 from .controller import CONTROLLERS, EXPLICIT, LATENT, Controller
-from .experts import Expert, as_expert, default_experts
+from .experts import Expert, as_expert, as_experts, default_experts
 from .kv_cache import KV_MODES
 from .ops import topk_packet
 from .soft_thinking import SoftThinkingEngine
@@ -129,6 +129,25 @@ class Result:
         return dataclasses.asdict(self)
 
 
+def check_generate_args(prompts, max_new_tokens, seed, stop) -> tuple[list[str], list[str]]:
+    """(prompts as a list, stop strings as a list) after checking generate's arguments; ValueError names
+    the bad one. Shared by the engine and the baselines, so every method rejects the same inputs."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return list(prompts), stops
+
+
 @contextlib.contextmanager
 def _seeded(seed: int | None, device: torch.device):
     """All randomness of one generate call from ``seed``, without disturbing the caller's RNG state."""
@@ -156,11 +175,7 @@ class DLMoM:
     local folders or GGUF files; the first expert's tokenizer is the shared (primary) vocabulary."""
 
     def __init__(self, experts, config: DLMoMConfig | None = None):
-        if isinstance(experts, (str, Expert, tuple)) or not hasattr(experts, "__iter__"):
-            experts = [experts]
-        experts = [as_expert(e, i) for i, e in enumerate(experts)]
-        if not experts:
-            raise ValueError("experts must hold at least one expert, got an empty list")
+        experts = as_experts(experts)
         if config is not None and not isinstance(config, DLMoMConfig):
             raise ValueError(f"config must be a DLMoMConfig, got {type(config).__name__}")
         devices = {str(e.device) for e in experts}
@@ -233,21 +248,9 @@ class DLMoM:
     def generate(self, prompts, *, max_new_tokens: int = 256, seed: int | None = None, stop=None,
                  progress: bool = False) -> list[Result]:
         """Answer each prompt; returns one Result per prompt (see Result)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-        if not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty strings")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        prompts, stops = check_generate_args(prompts, max_new_tokens, seed, stop)
         with _seeded(seed, self.primary.device):
-            return self._generate(list(prompts), max_new_tokens, stops, progress)
+            return self._generate(prompts, max_new_tokens, stops, progress)
 
     def _generate(self, prompts: list[str], max_new_tokens: int, stops: list[str], progress: bool) -> list[Result]:
         from tqdm.auto import tqdm

@@ -174,3 +174,13 @@ def as_expert(item, index: int) -> Expert:
         return Expert(model, tokenizer, name=pathlib.Path(item).name if str(item).endswith(".gguf") else str(item))
     raise ValueError(f"experts[{index}] must be an Expert, a (model, tokenizer) pair, a hub id, a folder or a "
                      f".gguf path, got {type(item).__name__}")
+
+
+def as_experts(experts) -> list[Expert]:
+    """A non-empty list of Experts from one expert spec or an iterable of them (see ``as_expert``)."""
+    if isinstance(experts, (str, os.PathLike, Expert, tuple)) or not hasattr(experts, "__iter__"):
+        experts = [experts]
+    experts = [as_expert(e, i) for i, e in enumerate(experts)]
+    if not experts:
+        raise ValueError("experts must hold at least one expert, got an empty list")
+    return experts
