@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from . import consensus, router
 from .bus import TextBridge, align_logits, packet_bytes, vocab_alignment
 from .controller import CONTROLLERS, EXPLICIT, LATENT, Controller
-from .experts import Expert, as_expert, as_experts, default_experts
+from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts
 from .kv_cache import KV_MODES
 from .ops import topk_packet
 from .soft_thinking import SoftThinkingEngine
@@ -209,13 +210,13 @@ class DLMoM:
                 loaded = default_experts(dtype=dtype, device=device)
                 bar.update(1)
             return cls(loaded, config)
-        if isinstance(experts, (str, Expert, tuple)):
+        if isinstance(experts, SINGLE_EXPERT):
             experts = [experts]
 
         loaded = []
         for i, spec in enumerate(tqdm(list(experts), desc="loading experts", disable=not progress, unit="expert")):
             expert = as_expert(spec, i)
-            if isinstance(spec, str):
+            if isinstance(spec, (str, os.PathLike)):
                 expert.model.to(device=device, dtype=dtype)
             loaded.append(expert)
         return cls(loaded, config)
@@ -257,14 +258,9 @@ class DLMoM:
 
         cfg = self.config
         start = time.perf_counter()
-        for engine in self.engines:
-            engine.forward_s = 0.0
-            engine.prefill_tokens = [0] * engine.roles
-            engine.decode_tokens = [0] * engine.roles
-            engine.kv, engine.kv_group_size, engine.kv_residual_length = cfg.kv, cfg.kv_group_size, \
-                cfg.kv_residual_length
         B, E, device = len(prompts), len(self.experts), self.primary.device
-        logits = [engine.prefill(prompts, chat=cfg.chat) for engine in self.engines]
+        logits = [engine.prefill(prompts, chat=cfg.chat, kv=cfg.kv, kv_group_size=cfg.kv_group_size,
+                                 kv_residual_length=cfg.kv_residual_length) for engine in self.engines]
         bridges = {i: TextBridge(self.primary.tokenizer, e.tokenizer, B)
                    for i, e in enumerate(self.engines) if self.bridged[i]}
         controller = Controller(B, kind=cfg.controller, block_size=cfg.block_size,
@@ -356,8 +352,7 @@ class DLMoM:
             bus_total += bridged_bytes
 
         bar.close()
-        usage = self._usage(start, bus_total, controller)
-        usage["bridge_resyncs"] = sum(bridge.resyncs for bridge in bridges.values())
+        usage = self._usage(start, bus_total, controller, bridges)
         return [Result(texts[b], traces[b], route[b], usage) for b in range(B)]
 
     def _route(self, prompts, shown, route, preview_bits):
@@ -396,7 +391,7 @@ class DLMoM:
                 new.append(engine.feed_packet(feed_ids, feed_probs))
         return new, nbytes
 
-    def _usage(self, start: float, bus_total: int, controller: Controller) -> dict:
+    def _usage(self, start: float, bus_total: int, controller: Controller, bridges: dict) -> dict:
         experts = []
         for engine in self.engines:
             for r, e in enumerate(engine.experts):
@@ -407,4 +402,5 @@ class DLMoM:
         return {"experts": experts, "kv": self.config.kv, "wall_s": time.perf_counter() - start,
                 "expert_forward_s": sum(engine.forward_s for engine in self.engines),
                 "latent_steps": int(controller.latent_steps.sum()), "bus_bytes": bus_total,
-                "switches": int(controller.switches.sum())}
+                "switches": int(controller.switches.sum()),
+                "bridge_resyncs": sum(bridge.resyncs for bridge in bridges.values())}

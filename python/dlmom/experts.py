@@ -176,9 +176,13 @@ def as_expert(item, index: int) -> Expert:
                      f".gguf path, got {type(item).__name__}")
 
 
+# What counts as one expert rather than a list of them (a tuple is a (model, tokenizer) pair).
+SINGLE_EXPERT = (str, os.PathLike, Expert, tuple)
+
+
 def as_experts(experts) -> list[Expert]:
     """A non-empty list of Experts from one expert spec or an iterable of them (see ``as_expert``)."""
-    if isinstance(experts, (str, os.PathLike, Expert, tuple)) or not hasattr(experts, "__iter__"):
+    if isinstance(experts, SINGLE_EXPERT) or not hasattr(experts, "__iter__"):
         experts = [experts]
     experts = [as_expert(e, i) for i, e in enumerate(experts)]
     if not experts:

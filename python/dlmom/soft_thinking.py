@@ -44,7 +44,7 @@ class SoftThinkingEngine:
         self.forward_s = 0.0
         self.prefill_tokens = [0] * len(experts)
         self.decode_tokens = [0] * len(experts)
-        # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); the DLMoM loop sets these.
+        # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); set by each prefill.
         self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
         self.cache = None
 
@@ -83,8 +83,14 @@ class SoftThinkingEngine:
         for r, n in enumerate(per_row):
             counts[r] += int(n)
 
-    def prefill(self, prompts: list[str], *, chat: bool) -> torch.Tensor:
-        """Prefill every role's prompt for every prompt; returns next-token logits [R, B, V_model]."""
+    def prefill(self, prompts: list[str], *, chat: bool, kv: str = "full", kv_group_size: int = 32,
+                kv_residual_length: int = 128) -> torch.Tensor:
+        """Start a generation: reset the counters, prefill every role's prompt for every prompt into a new
+        cache of kind ``kv``; returns next-token logits [R, B, V_model]."""
+        self.kv, self.kv_group_size, self.kv_residual_length = kv, kv_group_size, kv_residual_length
+        self.forward_s = 0.0
+        self.prefill_tokens = [0] * self.roles
+        self.decode_tokens = [0] * self.roles
         self.batch = len(prompts)
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
         self.fed = [list(r) for r in rows]  # token ids each row's cache holds (token feeds only, not packets)
