@@ -199,3 +199,79 @@ def test_kivi_cache_in_the_loop_holds_fewer_bytes(model, tok):
     assert all(len(r.trace) == 24 for r in kivi)
     small, big = _cache_bytes(kivi[0]), _cache_bytes(full[0])
     assert all(0 < small[name] < 0.6 * big[name] for name in big), (small, big)
+
+
+# ---------------------------------------------------------------- shared prefill and rows leaving the batch
+
+ROLES = ["You plan the steps.", "You solve it.", "You check each step."]
+
+
+def _roles(model, tok):
+    return [Expert(model, tok, name=f"r{i}", system_prompt=s) for i, s in enumerate(ROLES)]
+
+
+def _greedy_ids(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt in eos:
+                break
+    return out
+
+
+def test_shared_prefill_equals_separate_prefill(model, tok):
+    experts = _roles(model, tok)
+    shared = DLMoM(experts, config=DLMoMConfig(controller="explicit"))
+    alone = DLMoM(experts, config=DLMoMConfig(controller="explicit", share_prefill=False))
+    engine_s, engine_a = shared.engines[0], alone.engines[0]
+    logits_s = engine_s.prefill(PROMPTS, chat=True)
+    logits_a = engine_a.prefill(PROMPTS, chat=True, share_prefix=False)
+    torch.testing.assert_close(logits_s, logits_a, rtol=1e-4, atol=1e-4)
+    # The shared part is the chat template's opening up to where the system prompts differ.
+    rows = [[e.prompt_ids(p, chat=True) for e in experts] for p in PROMPTS]
+    common = [next(i for i, col in enumerate(zip(*r)) if len(set(col)) > 1) for r in rows]
+    assert min(common) > 0
+    assert engine_s.shared_prefill_tokens == [0] + [sum(common)] * 2
+    assert engine_s.prefill_tokens[0] == engine_a.prefill_tokens[0]
+    assert [s + c for s, c in zip(engine_s.prefill_tokens[1:], engine_s.shared_prefill_tokens[1:])] == \
+        engine_a.prefill_tokens[1:]
+    res_s, res_a = shared.generate(PROMPTS, max_new_tokens=10), alone.generate(PROMPTS, max_new_tokens=10)
+    assert [r.text for r in res_s] == [r.text for r in res_a]
+    assert res_s[0].usage["shared_prefill_tokens"] == 2 * sum(common) and res_a[0].usage["shared_prefill_tokens"] == 0
+
+
+def test_routed_out_roles_leave_the_batch_and_the_kept_role_continues_alone(model, tok):
+    # top_m=1: after the preview each prompt keeps one role; the others stop running. The kept role then
+    # decodes alone from its own cache, so the rest of the answer is that role's own greedy continuation.
+    experts, preview, steps = _roles(model, tok), 3, 12
+    moe = DLMoM(experts, config=DLMoMConfig(controller="explicit", preview_tokens=preview, top_m=1))
+    res = moe.generate(PROMPTS, max_new_tokens=steps)
+    eos = experts[0].eos_ids()
+    kept_roles = set()
+    for p, r in zip(PROMPTS, res):
+        (kept,) = [i for i, x in enumerate(r.route) if x["kept"]]
+        kept_roles.add(kept)
+        ids = [t["id"] for t in r.trace]
+        head = experts[kept].prompt_ids(p, chat=True) + ids[:preview]
+        assert ids[preview:] == _greedy_ids(model, head, len(ids) - preview, eos)
+    decoded = [u["decode_tokens"] for u in res[0].usage["experts"]]
+    for i, n in enumerate(decoded):
+        if i not in kept_roles:  # fed only the preview steps before routing
+            assert n <= (preview - 1) * len(PROMPTS)
+    assert sum(decoded) < len(experts) * (steps - 1) * len(PROMPTS)
+
+
+def test_finished_prompts_leave_the_batch(model, tok):
+    # Every role is fed once per step after which its prompt is still running: len(trace) - 1 per prompt.
+    moe = DLMoM(_roles(model, tok), config=DLMoMConfig(controller="explicit", preview_tokens=0))
+    first = moe.generate(PROMPTS, max_new_tokens=12)
+    stop = first[0].trace[3]["token"]  # makes prompt 0 (at least) stop early
+    res = moe.generate(PROMPTS, max_new_tokens=12, stop=stop)
+    lengths = [len(r.trace) for r in res]
+    assert min(lengths) < max(lengths)
+    for u in res[0].usage["experts"]:
+        assert u["decode_tokens"] == sum(n - 1 for n in lengths)
+    single = [moe.generate([p], max_new_tokens=12, stop=stop)[0].text for p in PROMPTS]
+    assert [r.text for r in res] == single

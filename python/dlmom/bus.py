@@ -31,10 +31,10 @@ class TextBridge:
         self.fed: list[list[int]] = [[] for _ in range(batch)]  # target ids fed (after the prompt)
         self.resyncs = 0
 
-    def push(self, ids: list[int | None]) -> tuple[list[list[int]], int]:
-        """Append each row's token (None: nothing this step); return the target ids to feed per row and the
+    def push(self, ids: list[int | None]) -> tuple[list[list[int]], list[int]]:
+        """Append each row's token (None: nothing this step); return per row the target ids to feed and the
         bytes of text that crossed the bridge."""
-        out, nbytes = [], 0
+        out, nbytes = [], [0] * len(ids)
         for row, tok in enumerate(ids):
             if tok is not None:
                 self.tokens[row].append(int(tok))
@@ -50,7 +50,7 @@ class TextBridge:
             else:
                 self.resyncs += 1
                 new = self.target.encode(text[len(self.sent[row]):], add_special_tokens=False)
-            nbytes += len(text[len(self.sent[row]):].encode())
+            nbytes[row] = len(text[len(self.sent[row]):].encode())
             self.sent[row] = text
             held.extend(new)
             out.append(new)

@@ -40,6 +40,7 @@ class DLMoMConfig:
         controller (see dlmom.controller). chat: apply each tokenizer's chat template. kv: each expert's
         KV cache, "full" (transformers' DynamicCache) or "kivi" (dlmom.KIVICache: 2-bit keys per channel,
         values per token, the last kv_residual_length tokens in full precision, groups of kv_group_size).
+        share_prefill: roles of one model prefill the prompt prefix they have in common once.
     """
 
     controller: str = "swir"
@@ -64,6 +65,7 @@ class DLMoMConfig:
     kv: str = "full"
     kv_group_size: int = 32
     kv_residual_length: int = 128
+    share_prefill: bool = True
 
     def __post_init__(self):
         def bad(name, expected):
@@ -104,8 +106,9 @@ class DLMoMConfig:
             bad("start_mode", "'latent' or 'explicit'")
         integer("max_switches", 0)
         integer("max_latent_steps", 0)
-        if not isinstance(self.chat, bool):
-            bad("chat", "True or False")
+        for name in ("chat", "share_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
         if self.kv not in KV_MODES:
             bad("kv", f"one of {KV_MODES}")
         integer("kv_group_size", 1)
@@ -117,9 +120,10 @@ class DLMoMConfig:
 @dataclasses.dataclass
 class Result:
     """One prompt's answer. text renders every step (a latent step by the top-1 token of its packet);
-    trace: one record per step; route: each expert's preview score and whether it was kept; usage:
-    tokens prefilled / decoded and KV-cache bytes held at the end per expert (for the whole batch), the kv
-    mode, wall and expert-forward seconds."""
+    trace: one record per step; route: each expert's preview score and whether it was kept; usage: per
+    expert (for the whole batch) tokens prefilled, prompt tokens taken from a shared prefill instead, tokens
+    decoded and the peak KV-cache bytes (a model's cache split evenly among its roles); the kv mode, wall
+    and expert-forward seconds."""
 
     text: str
     trace: list[dict]
@@ -260,7 +264,8 @@ class DLMoM:
         start = time.perf_counter()
         B, E, device = len(prompts), len(self.experts), self.primary.device
         logits = [engine.prefill(prompts, chat=cfg.chat, kv=cfg.kv, kv_group_size=cfg.kv_group_size,
-                                 kv_residual_length=cfg.kv_residual_length) for engine in self.engines]
+                                 kv_residual_length=cfg.kv_residual_length, share_prefix=cfg.share_prefill)
+                  for engine in self.engines]
         bridges = {i: TextBridge(self.primary.tokenizer, e.tokenizer, B)
                    for i, e in enumerate(self.engines) if self.bridged[i]}
         controller = Controller(B, kind=cfg.controller, block_size=cfg.block_size,
@@ -270,7 +275,6 @@ class DLMoM:
         preview = cfg.preview_tokens if E > 1 else 0
         weights, route = None, [[] for _ in range(B)]
         preview_bits = [torch.zeros(engine.roles, B) for engine in self.engines]  # [R, B] per engine
-        engine_live = [True] * len(self.engines)
         eos = self.primary.eos_ids()
         shown: list[list[int]] = [[] for _ in range(B)]
         traces: list[list[dict]] = [[] for _ in range(B)]
@@ -308,8 +312,10 @@ class DLMoM:
             feed_ids[:, 0] = torch.where(latent, feed_ids[:, 0], token)
             feed_probs = torch.where(latent.view(-1, 1), feed_probs, one_hot)
             agree = consensus.agreement(stacked, top1, weights)
-            step_bytes = sum(engine.roles for i, engine in enumerate(self.engines)
-                             if engine_live[i] and not self.bridged[i]) * packet_bytes(feed_ids, feed_probs)
+            # Packet bytes per prompt: one packet to each of its rows still running on the primary vocabulary.
+            receivers = sum((engine.rows_per_prompt() for i, engine in enumerate(self.engines)
+                             if not self.bridged[i]), torch.zeros(B, dtype=torch.long))
+            step_bytes = (receivers * packet_bytes(feed_ids, feed_probs)).tolist()
 
             if in_preview:  # the router's score of the preview, from logits the experts produced anyway
                 for i, x in enumerate(logits):
@@ -327,7 +333,7 @@ class DLMoM:
                           "top": [[self._decode([i]), round(float(p), 4)] for i, p in
                                   zip(packet.ids[b, :5].tolist(), packet.probs[b, :5].tolist())],
                           "agreement": float(agree[b]), "switches": int(controller.switches[b]),
-                          "bus_bytes": step_bytes}
+                          "bus_bytes": step_bytes[b]}
                 if b in switched:
                     record["switch"] = switched[b]
                 traces[b].append(record)
@@ -341,12 +347,18 @@ class DLMoM:
                     texts[b] = texts[b][:min(hit)]
                     finished[b] = True
 
+            keep = ~finished  # [B]; rows of finished prompts and of routed-out roles leave the batch
             if in_preview and step == preview - 1:
-                weights, engine_live = self._route(prompts, shown, route, preview_bits)
+                weights, kept = self._route(prompts, shown, route, preview_bits)
+                keep = kept.cpu() & keep
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            bus_total += step_bytes * int((~finished).sum())
-            logits, bridged_bytes = self._feed(logits, engine_live, bridges, feed_ids, feed_probs,
+            i = 0
+            for engine in self.engines:
+                engine.keep_rows(keep[i:i + engine.roles] if keep.dim() == 2 else keep.expand(engine.roles, B))
+                i += engine.roles
+            bus_total += sum(n for b, n in enumerate(step_bytes) if not finished[b])
+            logits, bridged_bytes = self._feed(logits, bridges, feed_ids, feed_probs,
                                                [None if finished[b] else s[-1] if s else None
                                                 for b, s in enumerate(shown)])
             bus_total += bridged_bytes
@@ -357,7 +369,7 @@ class DLMoM:
 
     def _route(self, prompts, shown, route, preview_bits):
         """Score every expert on the preview; per prompt keep the best top_m. Returns (weights [E, B],
-        engines still needed by some prompt). Experts on the primary vocabulary are scored from the
+        kept [E, B] bool). Experts on the primary vocabulary are scored from the
         log-probabilities of the preview steps; the others re-read prompt + preview with their tokenizer."""
         previews = [self._decode(s) for s in shown]
         nbytes = torch.tensor([max(len(p.encode()), 1) for p in previews], dtype=torch.float32)
@@ -370,21 +382,18 @@ class DLMoM:
         for b in range(len(prompts)):
             route[b].extend({"expert": e.name, "bits_per_byte": round(float(bpb[i, b]), 4), "kept": bool(kept[i, b]),
                              "weight": round(float(weights[i, b]), 4)} for i, e in enumerate(self.experts))
-        live, i = [], 0
-        for engine in self.engines:
-            live.append(bool(kept[i:i + engine.roles].any()))
-            i += engine.roles
-        return weights.to(self.primary.device), live
+        return weights.to(self.primary.device), kept
 
-    def _feed(self, logits, live, bridges, feed_ids, feed_probs, last_tokens):
-        """Every live engine takes the step's input; returns the new logits and the Text-Bridge's bytes."""
+    def _feed(self, logits, bridges, feed_ids, feed_probs, last_tokens):
+        """Every engine with active rows takes the step's input; returns the new logits (zeros in rows that
+        left the batch: they have no weight in the consensus) and the Text-Bridge's bytes."""
         new, nbytes = [], 0
         for i, engine in enumerate(self.engines):
-            if not live[i]:
-                new.append(logits[i])  # dropped by the router for every prompt: no more forwards
+            if not engine.live:
+                new.append(torch.zeros_like(logits[i]))  # every row dropped or finished: no more forwards
             elif i in bridges:
                 ids, n = bridges[i].push(last_tokens)
-                nbytes += n * engine.roles
+                nbytes += int((torch.tensor(n) * engine.rows_per_prompt()).sum())
                 out = engine.feed_tokens(ids)
                 new.append(logits[i] if out is None else out)
             else:
@@ -397,9 +406,12 @@ class DLMoM:
             for r, e in enumerate(engine.experts):
                 # One cache holds the rows of every role of a model, padded to one length: split evenly.
                 experts.append({"expert": e.name, "prefill_tokens": engine.prefill_tokens[r],
+                                "shared_prefill_tokens": engine.shared_prefill_tokens[r],
                                 "decode_tokens": engine.decode_tokens[r],
-                                "cache_bytes": engine.cache_nbytes() // engine.roles})
-        return {"experts": experts, "kv": self.config.kv, "wall_s": time.perf_counter() - start,
+                                "cache_bytes": engine.peak_cache_bytes() // engine.roles})
+        return {"experts": experts, "kv": self.config.kv,
+                "shared_prefill_tokens": sum(e["shared_prefill_tokens"] for e in experts),
+                "wall_s": time.perf_counter() - start,
                 "expert_forward_s": sum(engine.forward_s for engine in self.engines),
                 "latent_steps": int(controller.latent_steps.sum()), "bus_bytes": bus_total,
                 "switches": int(controller.switches.sum()),

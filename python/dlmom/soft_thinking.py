@@ -29,8 +29,23 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix that every row starts with."""
+    n = 0
+    for column in zip(*rows):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return n
+
+
 class SoftThinkingEngine:
-    """Runs ``experts`` (all on the same model) over a batch of B prompts."""
+    """Runs ``experts`` (all on the same model) over a batch of B prompts.
+
+    Rows are the (role, prompt) pairs, role-major (``row = role * B + b``). Only the *active* rows are in the
+    batch and the cache: ``keep_rows`` removes rows the router dropped or whose prompt finished, and every
+    later forward skips them. Methods that return logits give [R, B, V_model] with zeros in inactive rows.
+    """
 
     def __init__(self, experts: list[Expert]):
         self.experts = experts
@@ -43,14 +58,22 @@ class SoftThinkingEngine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (experts[0].eos_ids() or {0}).pop()
         self.forward_s = 0.0
         self.prefill_tokens = [0] * len(experts)
+        self.shared_prefill_tokens = [0] * len(experts)
         self.decode_tokens = [0] * len(experts)
         # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); set by each prefill.
         self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
-        self.cache = None
+        self.cache, self._peak_cache = None, 0
+        self.batch = 0
+        self.active = torch.zeros(0, dtype=torch.long)
 
     @property
     def roles(self) -> int:
         return len(self.experts)
+
+    @property
+    def live(self) -> bool:
+        """Whether any row is still in the batch."""
+        return self.active.numel() > 0
 
     def _new_cache(self, kv: str | None = None):
         from .kv_cache import new_cache
@@ -59,10 +82,15 @@ class SoftThinkingEngine:
                          residual_length=self.kv_residual_length)
 
     def cache_nbytes(self) -> int:
-        """Bytes the prefill / decode cache holds now (all rows of all roles)."""
+        """Bytes the prefill / decode cache holds now (the active rows of all roles)."""
         from .kv_cache import cache_nbytes
 
         return cache_nbytes(self.cache)
+
+    def peak_cache_bytes(self) -> int:
+        """The most bytes the cache has held in this generation (it grows until rows leave it)."""
+        self._peak_cache = max(self._peak_cache, self.cache_nbytes())
+        return self._peak_cache
 
     def _run(self, new_mask: torch.Tensor, cache, mask: torch.Tensor | None, next_pos: torch.Tensor,
              keep: int, **inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,50 +106,103 @@ class SoftThinkingEngine:
         self.forward_s += time.perf_counter() - start
         return out.logits, full, next_pos + new_mask.sum(-1)
 
-    def _count(self, counts: list[int], new_mask: torch.Tensor) -> None:
-        per_row = new_mask.sum(-1).view(self.roles, -1).sum(-1).tolist()
-        for r, n in enumerate(per_row):
-            counts[r] += int(n)
+    def _count(self, counts: list[int], new_mask: torch.Tensor, role_of_row: torch.Tensor) -> None:
+        """Add each row's new positions (new_mask [N, L]) to the count of its role (role_of_row [N])."""
+        per_role = torch.zeros(self.roles, dtype=torch.long).index_add_(0, role_of_row.cpu(), new_mask.sum(-1).cpu())
+        for r, n in enumerate(per_role.tolist()):
+            counts[r] += n
+
+    def _scatter(self, logits: torch.Tensor) -> torch.Tensor:
+        """[R, B, V] from the last-position logits [N_active, 1, V] of the active rows (zeros elsewhere)."""
+        out = logits.new_zeros(self.roles * self.batch, logits.shape[-1])
+        out[self.active.to(logits.device)] = logits[:, -1]
+        return out.view(self.roles, self.batch, -1)
 
     def prefill(self, prompts: list[str], *, chat: bool, kv: str = "full", kv_group_size: int = 32,
-                kv_residual_length: int = 128) -> torch.Tensor:
+                kv_residual_length: int = 128, share_prefix: bool = True) -> torch.Tensor:
         """Start a generation: reset the counters, prefill every role's prompt for every prompt into a new
-        cache of kind ``kv``; returns next-token logits [R, B, V_model]."""
+        cache of kind ``kv``; returns next-token logits [R, B, V_model].
+
+        With ``share_prefix`` and several roles, the token prefix that all roles' prompts of one prompt have in
+        common (e.g. the chat template's opening) is computed once and its cache copied to every role; each role
+        then prefills only the rest. ``shared_prefill_tokens`` counts per role the prompt tokens it took from
+        that shared prefix instead of computing them (the first role computes the prefix: it is in its
+        ``prefill_tokens``)."""
         self.kv, self.kv_group_size, self.kv_residual_length = kv, kv_group_size, kv_residual_length
         self.forward_s = 0.0
         self.prefill_tokens = [0] * self.roles
+        self.shared_prefill_tokens = [0] * self.roles
         self.decode_tokens = [0] * self.roles
-        self.batch = len(prompts)
+        self.batch = B = len(prompts)
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
         self.fed = [list(r) for r in rows]  # token ids each row's cache holds (token feeds only, not packets)
-        ids, new_mask = _left_pad(rows, self.pad_id, self.device)
-        self.cache = self._new_cache()
-        zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        logits, self.mask, self.next_pos = self._run(new_mask, self.cache, None, zero, 1, input_ids=ids)
-        self._count(self.prefill_tokens, new_mask)
-        return logits[:, -1].view(self.roles, self.batch, -1)
+        self.active = torch.arange(len(rows))
+        self.cache, self._peak_cache = self._new_cache(), 0
+        # Shared prefix per prompt; at least one token of every row stays in the suffix (it gives the logits).
+        shared = [0] * B
+        if share_prefix and self.roles > 1:
+            shared = [min(_common_prefix(rows[b::B]), min(len(r) for r in rows[b::B]) - 1) for b in range(B)]
+        mask, next_pos = None, torch.zeros(B, dtype=torch.long, device=self.device)
+        if any(shared):
+            ids, new_mask = _left_pad([rows[b][:shared[b]] for b in range(B)], self.pad_id, self.device)
+            _, mask, next_pos = self._run(new_mask, self.cache, None, next_pos, 1, input_ids=ids)
+            self._count(self.prefill_tokens, new_mask, torch.zeros(B, dtype=torch.long))  # computed once, by the first role
+            for r in range(1, self.roles):
+                self.shared_prefill_tokens[r] += sum(shared)
+            to_rows = torch.arange(self.roles * B, device=self.device) % B  # role-major copies of the B rows
+            self.cache.reorder_cache(to_rows)
+            mask, next_pos = mask[to_rows], next_pos[to_rows]
+        else:
+            next_pos = next_pos.repeat(self.roles)
+        suffixes = [r[shared[i % B]:] for i, r in enumerate(rows)]
+        ids, new_mask = _left_pad(suffixes, self.pad_id, self.device)
+        logits, self.mask, self.next_pos = self._run(new_mask, self.cache, mask, next_pos, 1, input_ids=ids)
+        self._count(self.prefill_tokens, new_mask, self.active // B)
+        return self._scatter(logits)
+
+    def rows_per_prompt(self) -> torch.Tensor:
+        """[B]: how many active rows (roles) each prompt has."""
+        return torch.bincount(self.active % self.batch, minlength=self.batch)
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows where ``keep`` [R, B] (bool) is True among the active ones: the others leave the
+        batch, the cache, and every later forward (a routed-out role, a finished prompt)."""
+        flat = keep.reshape(-1).to(torch.bool).cpu()
+        stay = flat[self.active]
+        if bool(stay.all()):
+            return
+        self.peak_cache_bytes()
+        self.active = self.active[stay]
+        if not self.live:
+            self.cache = self.mask = self.next_pos = None  # nothing left to run: free the cache
+            return
+        index = stay.nonzero()[:, 0].to(self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
 
     def feed_packet(self, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """Feed one packet per prompt (ids, probs [B, k]) to every role; returns logits [R, B, V_model]."""
-        emb = soft_embed(ids.repeat(self.roles, 1), probs.repeat(self.roles, 1), self.weight, scale=self.scale)
+        """Feed one packet per prompt (ids, probs [B, k]) to every active row; returns logits [R, B, V_model]."""
+        b = (self.active % self.batch).to(ids.device)
+        emb = soft_embed(ids[b], probs[b], self.weight, scale=self.scale)
         new_mask = torch.ones(emb.shape[0], 1, dtype=torch.long, device=self.device)
         logits, self.mask, self.next_pos = self._run(new_mask, self.cache, self.mask, self.next_pos, 1,
                                                      inputs_embeds=emb.unsqueeze(1))
-        self._count(self.decode_tokens, new_mask)
-        return logits[:, -1].view(self.roles, self.batch, -1)
+        self._count(self.decode_tokens, new_mask, self.active // self.batch)
+        return self._scatter(logits)
 
     def feed_tokens(self, per_prompt: list[list[int]]) -> torch.Tensor | None:
-        """Feed a variable number of token ids per prompt (the Text-Bridge); None when there is nothing."""
-        if not any(per_prompt):
+        """Feed a variable number of token ids per prompt to every active row (the Text-Bridge); None when
+        no active row gets any."""
+        rows = [per_prompt[i % self.batch] for i in self.active.tolist()]
+        if not any(rows):
             return None
-        rows = per_prompt * self.roles
-        for held, new in zip(self.fed, rows):
-            held.extend(new)
+        for i, new in zip(self.active.tolist(), rows):
+            self.fed[i].extend(new)
         ids, new_mask = _left_pad(rows, self.pad_id, self.device)
         logits, self.mask, self.next_pos = self._run(new_mask, self.cache, self.mask, self.next_pos, 1,
                                                      input_ids=ids)
-        self._count(self.decode_tokens, new_mask)
-        return logits[:, -1].view(self.roles, self.batch, -1)
+        self._count(self.decode_tokens, new_mask, self.active // self.batch)
+        return self._scatter(logits)
 
     def bits_per_byte(self, prompts: list[str], continuations: list[str], *, chat: bool) -> torch.Tensor:
         """[R, B]: -log2 p(continuation | prompt) per byte of continuation text, for every role, teacher-forced
@@ -139,7 +220,7 @@ class SoftThinkingEngine:
         # One teacher-forced forward: a compressed cache would only cost time here.
         keep = max(spans) + 1
         logits, _, _ = self._run(mask, self._new_cache("full"), None, zero, keep, input_ids=ids)  # [N, keep, V]
-        self._count(self.prefill_tokens, mask)
+        self._count(self.prefill_tokens, mask, torch.arange(self.roles).repeat_interleave(len(prompts)))
         targets = ids[:, ids.shape[1] - keep + 1:, None]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets)[..., 0]  # [N, keep-1]
         bits = [-float(logp[i, keep - 1 - n:].sum()) / math.log(2) if n else 0.0 for i, n in enumerate(spans)]
