@@ -43,3 +43,19 @@ def test_default_three_roles_think_in_latent_space(smol):
     assert modes[:5] == ["preview"] * 5 and "latent" in modes, modes
     assert [r["expert"] for r in res.route] == [e.name for e in experts]
     assert all(u["prefill_tokens"] > 0 and u["decode_tokens"] > 0 for u in res.usage["experts"])
+
+
+def test_router_top1_with_kivi_cache_drops_two_roles(smol):
+    experts = default_experts()
+    moe = DLMoM(experts, config=DLMoMConfig(top_m=1, preview_tokens=3, kv="kivi", kv_residual_length=32,
+                                            kv_group_size=32))
+    prompts = ["What is 12 * 7?", "Name a prime number larger than 10."]
+    res = moe.generate(prompts, max_new_tokens=40, seed=0)
+    usage = res[0].usage
+    assert usage["shared_prefill_tokens"] > 0 and usage["kv"] == "kivi"
+    kept = {i for r in res for i, x in enumerate(r.route) if x["kept"]}
+    assert all(sum(x["kept"] for x in r.route) == 1 for r in res)
+    for i, u in enumerate(usage["experts"]):
+        if i not in kept:
+            assert u["decode_tokens"] <= 2 * len(prompts)
+    assert all(r.text.strip() for r in res)
