@@ -30,7 +30,8 @@ boundary. A dlmom method keeps one DLMoM instance for its warm-up and measured c
 
     python bench/bench_e2e.py                      # everything, writes bench/results/e2e-cpu.json + PNG
     python bench/bench_e2e.py --quick              # a few minutes' smoke run, written under /tmp
-    python bench/bench_e2e.py --sections main --prompts 4 --max-new-tokens 16 --methods single-solver text-mas --no-write
+    python bench/bench_e2e.py --sections main --prompts 4 --max-new-tokens 16 \\
+        --methods single-solver text-mas --no-write
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def write(args, sections: dict, durations: dict, commands: dict) -> pathlib.Path
                 "backend": dlmom.backend_info()["ops"]})
     stamps = doc.setdefault("sections", {})
     for name, block in sections.items():
-        stamps[name] = {"date": now, "commit": git_commit(), "command": command, "duration_s": round(durations[name], 1),
+        stamps[name] = {"date": now, "commit": git_commit(), "command": command,
+                        "duration_s": round(durations[name], 1),
                         "child_commands": commands.get(name, []),
                         "settings": {"threads": args.threads, "dtype": args.dtype, "device": args.device,
                                      "quick": args.quick, **versions(),

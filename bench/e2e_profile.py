@@ -3,10 +3,11 @@
 One dlmom run (default experts, DLMoMConfig's defaults: the swir controller) under cProfile with a clock
 that stops while a model's forward runs (a pre-hook and a hook on every expert model, the call
 ``SoftThinkingEngine._run`` makes), so every function's own time is its time outside the forwards. The
-three functions with the largest own time are the three largest costs; ``via`` names the first dlmom function
-on their heaviest call path (the function itself when it is dlmom's). The profiler slows Python code down, so the same run is also timed without
-it: ``overhead_s`` / ``overhead_fraction`` come from that plain run, ``profiled_*`` from the profiled one,
-and ``share_of_wall`` is a cost's seconds over the profiled run's wall.
+three functions with the largest own time are the three largest costs; ``via`` names the first dlmom
+function on their heaviest call path (the function itself when it is dlmom's). The profiler slows Python
+code down, so the same run is also timed without it: ``overhead_s`` / ``overhead_fraction`` come from
+that plain run, ``profiled_*`` from the profiled one, and ``share_of_wall`` is a cost's seconds over the
+profiled run's wall.
 """
 from __future__ import annotations
 
