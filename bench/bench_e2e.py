@@ -67,7 +67,7 @@ SCALING_SHOWN = ["axis", "experts", "sharing", "top_k", "batch", "decode_steps",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Sizes default to the full run's; --quick lowers the defaults shown "
                                             "after the slash.")
