@@ -43,7 +43,7 @@ def plot_scaling(rows: list[dict], path: pathlib.Path, title: str) -> pathlib.Pa
         ax.set_ylim(bottom=0)
         lines = ax.get_legend_handles_labels()
         more = share.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
