@@ -1,168 +1,283 @@
-"""End to end: dlmom (each controller) against one expert alone and a text multi-agent pipeline.
+"""End to end: dlmom (each controller) against one expert alone and a text multi-agent pipeline, its scaling,
+a profile of its overhead, and a two-tokenizer mixture (Qwen2.5-Coder + SmolLM2).
 
-Every method answers the same prompts (one batch) with the same models and the same ``max_new_tokens``
-(per agent for text-mas) on the embedded default, SmolLM2-135M-Instruct in three roles. Each method runs
-in its own process (a warm-up call first), so its peak memory is its own: ``peak_mem_bytes`` is the
-largest resident set sampled every 5 ms during the measured call, ``maxrss_bytes`` the process's
-high-water mark including loading.
+Sections (``--sections``, all by default):
+
+- ``main``: every method answers the same prompts (one batch) with the same models and the same
+  ``max_new_tokens`` (per agent for text-mas) on the embedded default, SmolLM2-135M-Instruct in three roles.
+  Each method runs in its own process (a warm-up call first), so its peak memory is its own:
+  ``peak_mem_bytes`` is the largest resident set sampled every 5 ms during the measured calls,
+  ``maxrss_bytes`` the process's high-water mark including loading.
+- ``scaling``: dlmom's step time and overhead against the number of experts (1-4; roles of one model
+  sharing a batched forward, and separate model copies that do not), packet size k and batch size, one
+  factor at a time, with the "latent" controller so every point takes the same steps (see e2e_scaling.py).
+  Also drawn as a PNG (needs matplotlib; skipped with a printed line without it).
+- ``profile``: cProfile of one dlmom run with the clock stopped inside the expert forwards; the three
+  largest costs outside them (see e2e_profile.py).
+- ``qwen``: dlmom-swir, each expert alone and text-mas on [Qwen2.5-Coder-0.5B-Instruct, SmolLM2-135M-Instruct]
+  (different tokenizers: SmolLM2 is fed through the Text-Bridge), one process per method as in ``main``.
+  Skipped with a printed line when the Qwen GGUF is missing.
 
 Columns: ``wall_s``; ``expert_forward_s`` (time inside the models' forwards); ``overhead_fraction`` =
 (wall - expert forward) / wall; ``tokens_generated`` (steps taken per prompt, latent ones included, summed
 over prompts and agents); ``tokens_processed`` (prefill + decode positions over all experts, as the
 engine's usage counts them: the router scores experts on the shared vocabulary from the preview steps
 themselves, and a teacher-forced pass for bridged experts is counted in their prefill);
-``bus_bytes`` (dlmom: packets on the bus; text-mas: answer text handed between agents); ``correct``: the
-arithmetic prompts whose expected number appears in the answer (a loose check, code tasks not scored).
+``bus_bytes`` (dlmom: packets on the bus plus Text-Bridge text; text-mas: answer text handed between
+agents); ``correct``: the arithmetic prompts whose expected number appears in the answer (a loose check,
+code tasks not scored); ``bridge_resyncs``: Text-Bridge re-encodings after a token merge across the
+boundary. A dlmom method keeps one DLMoM instance for its warm-up and measured calls.
 
-    python bench/bench_e2e.py                      # 20 prompts x 64 tokens, every method
-    python bench/bench_e2e.py --prompts 4 --max-new-tokens 16 --methods single text-mas --no-write
+    python bench/bench_e2e.py                      # everything, writes bench/results/e2e-cpu.json + PNG
+    python bench/bench_e2e.py --quick              # a few minutes' smoke run, written under /tmp
+    python bench/bench_e2e.py --sections main --prompts 4 --max-new-tokens 16 \\
+        --methods single-solver text-mas --no-write
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import re
-import resource
+import os
+import pathlib
+import platform
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
-# (prompt, expected number or None for code tasks)
-PROMPTS = [
-    ("A shop sells pencils at 3 dollars each. Tom buys 7 pencils. How many dollars does he pay?", 21),
-    ("Sara has 45 apples and gives away 17. How many apples does she have left?", 28),
-    ("A train travels 60 km per hour for 3 hours. How many km does it travel?", 180),
-    ("There are 4 boxes with 12 eggs in each box. How many eggs are there in total?", 48),
-    ("A book costs 15 dollars. Anna pays with a 50 dollar bill. How much change does she get?", 35),
-    ("Ben reads 8 pages a day. How many pages does he read in 2 weeks?", 112),
-    ("A class has 30 students and 2/5 of them are girls. How many girls are in the class?", 12),
-    ("Mia saves 25 dollars a month. How many dollars has she saved after 6 months?", 150),
-    ("A rectangle is 9 cm long and 4 cm wide. What is its area in square cm?", 36),
-    ("Tim had 100 marbles, lost 23, then found 14. How many marbles does he have now?", 91),
-    ("A baker makes 96 cookies and packs them in bags of 8. How many bags does he fill?", 12),
-    ("What is 17 multiplied by 6, plus 10?", 112),
-    ("Write a Python function that returns the largest number in a list.", None),
-    ("Write a Python function that reverses a string.", None),
-    ("Write a Python function that checks whether a number is prime.", None),
-    ("Write a Python function that counts the vowels in a string.", None),
-    ("Write a Python function that returns the sum of the even numbers in a list.", None),
-    ("Write a Python function that computes the factorial of n.", None),
-    ("What does this Python code print: x = [1, 2, 3]; print(sum(x) * 2)?", 12),
-    ("Write a Python function that returns the n-th Fibonacci number.", None),
-]
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from e2e_common import PROMPTS, QWEN_GGUF  # noqa: E402
+
 METHODS = ["dlmom-swir", "dlmom-explicit", "dlmom-latent", "single-planner", "single-solver", "single-checker",
            "text-mas"]
+QWEN_METHODS = ["dlmom-swir", "single-qwen", "single-smollm2", "text-mas"]
+SECTIONS = ("main", "scaling", "profile", "qwen")
+# (full run, --quick) defaults of the size flags; a flag given on the command line wins over both.
+SIZES = {"prompts": (len(PROMPTS), 4), "max_new_tokens": (64, 16), "repeats": (2, 1),
+         "scaling_prompts": (4, 2), "scaling_tokens": (32, 8), "profile_prompts": (len(PROMPTS), 4),
+         "profile_tokens": (64, 16), "qwen_prompts": (len(PROMPTS), 2), "qwen_max_new_tokens": (32, 8),
+         "qwen_repeats": (1, 1)}
+MAIN_SHOWN = ["method", "wall_s", "expert_forward_s", "overhead_fraction", "tokens_generated", "tokens_processed",
+              "tokens_vs_text_mas", "latent_steps", "bus_bytes", "bus_kind", "peak_mem_bytes", "correct"]
+SCALING_SHOWN = ["axis", "experts", "sharing", "top_k", "batch", "decode_steps", "wall_s", "step_s",
+                 "overhead_step_ms", "overhead_fraction"]
 
 
-def _correct(text: str, expected: int | None) -> bool:
-    return expected is not None and str(expected) in re.findall(r"\d+", text.replace(",", ""))
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Sizes default to the full run's; --quick lowers the defaults shown "
+                                            "after the slash.")
 
+    def size(flag, help_text):
+        full, quick = SIZES[flag.lstrip("-").replace("-", "_")]
+        parser.add_argument(flag, type=int, default=None, help=f"{help_text} (default {full} / quick {quick})")
 
-def child(method: str, n: int, max_new_tokens: int, dtype: str, threads: int, repeats: int) -> dict:
-    """Run one method in this process and return its row (the fastest of ``repeats`` measured calls)."""
-    import psutil
-    import torch
-
-    torch.set_num_threads(threads)
-
-    from dlmom import DLMoMConfig
-    from dlmom.baselines import run
-    from dlmom.experts import DEFAULT_ROLES, default_experts
-
-    experts = default_experts(dtype=getattr(torch, dtype))
-    roles = list(DEFAULT_ROLES)
-    prompts = [p for p, _ in PROMPTS[:n]]
-    if method.startswith("dlmom-"):
-        kind, kwargs = "dlmom", dict(config=DLMoMConfig(controller=method.split("-", 1)[1]), seed=0)
-    elif method.startswith("single-"):
-        kind, kwargs = "single", dict(expert=roles.index(method.split("-", 1)[1]))
-    else:
-        kind, kwargs = method, {}
-    run(kind, experts, prompts[:1], max_new_tokens=2, **kwargs)  # warm-up: first-call costs out of the timing
-
-    proc = psutil.Process()
-    peak, done = [proc.memory_info().rss], threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    loaded = proc.memory_info().rss
-    sampler.start()
-    runs = [run(kind, experts, prompts, max_new_tokens=max_new_tokens, **kwargs) for _ in range(repeats)]
-    done.set()
-    sampler.join()
-
-    walls = [r[0].usage["wall_s"] for r in runs]
-    results = runs[walls.index(min(walls))]
-    usage = results[0].usage  # the whole batch's
-    prefill = sum(e["prefill_tokens"] for e in usage["experts"])
-    decode = sum(e["decode_tokens"] for e in usage["experts"])
-    generated = sum(len(r.trace) for r in results) if kind == "dlmom" else usage["generated_tokens"]
-    wall, forward = usage["wall_s"], usage["expert_forward_s"]
-    return {
-        "method": method, "prompts": n, "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats,
-        "wall_s": round(wall, 3), "wall_s_slowest": round(max(walls), 3),
-        "expert_forward_s": round(forward, 3), "overhead_fraction": round((wall - forward) / wall, 4),
-        "tokens_generated": generated, "tokens_processed": prefill + decode, "prefill_tokens": prefill,
-        "decode_tokens": decode, "latent_steps": usage["latent_steps"],
-        "bus_bytes": usage["bus_bytes"], "bus_kind": {"dlmom": "packets", "text-mas": "text"}.get(kind, "-"),
-        "peak_mem_bytes": peak[0], "loaded_rss_bytes": loaded,
-        "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "correct": sum(_correct(r.text, e) for r, (_, e) in zip(results, PROMPTS[:n])),
-        "scored": sum(e is not None for _, e in PROMPTS[:n]),
-        "first_answer": results[0].text[:80],
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many prompts (max {len(PROMPTS)})")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="token budget (per agent for text-mas)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="development run: small sizes, results written under the temp folder unless --out-dir")
+    size("--prompts", f"main: how many prompts (max {len(PROMPTS)})")
+    size("--max-new-tokens", "main: token budget (per agent for text-mas)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="main: methods to run")
+    size("--repeats", "main: measured calls per method; the fastest is kept")
+    size("--scaling-prompts", "scaling: prompts at the default point (the batch axis sets its own)")
+    size("--scaling-tokens", "scaling: token budget per point")
+    size("--profile-prompts", "profile: prompts in the profiled dlmom run")
+    size("--profile-tokens", "profile: token budget of the profiled run")
+    size("--qwen-prompts", f"qwen: how many prompts (max {len(PROMPTS)})")
+    size("--qwen-max-new-tokens", "qwen: token budget (Qwen runs ~5 tok/s at batch 1 on a CPU thread)")
+    size("--qwen-repeats", "qwen: measured calls per method")
+    parser.add_argument("--qwen-gguf", type=pathlib.Path, default=QWEN_GGUF, help="qwen: the Qwen2.5-Coder GGUF file")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the experts' weights")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the experts run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine, 2 spinning threads lose far more)")
-    parser.add_argument("--repeats", type=int, default=2, help="measured calls per method; the fastest is kept")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    n = max(1, min(args.prompts, len(PROMPTS)))
-    if args.child:
-        print(json.dumps(child(args.child, n, args.max_new_tokens, args.dtype, args.threads, args.repeats)))
-        return
+    parser.add_argument("--out-dir", type=pathlib.Path, default=None,
+                        help="where e2e-<device>.json and e2e-scaling-<device>.png go (default bench/results)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    parser.add_argument("--child", choices=sorted(set(METHODS + QWEN_METHODS)), help=argparse.SUPPRESS)
+    parser.add_argument("--expert-set", choices=["default", "qwen"], default="default", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name, (full, quick) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.prompts = min(args.prompts, len(PROMPTS))
+    args.qwen_prompts = min(args.qwen_prompts, len(PROMPTS))
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown or not args.sections:
+        parser.error(f"--sections must name some of {','.join(SECTIONS)}, got {unknown or 'none'}")
+    if args.out_dir is None:
+        args.out_dir = pathlib.Path(tempfile.gettempdir()) / "dlmom-bench-e2e" if args.quick else HERE / "results"
+    return args
 
+
+def child(args) -> dict:
+    """One method's row, measured in this process."""
     import torch
-    from bench_common import print_table, write_results
 
-    torch.set_num_threads(args.threads)  # the device name in the results records the thread count
+    from e2e_common import load_experts, measure
 
-    rows = []
-    for method in args.methods:
+    torch.set_num_threads(args.threads)
+    experts = load_experts(args.expert_set, dtype=getattr(torch, args.dtype), device=args.device,
+                           qwen_gguf=args.qwen_gguf)
+    return measure(args.child, experts, args.prompts, args.max_new_tokens, args.repeats)
+
+
+def run_children(args, expert_set: str, methods: list[str], n: int, tokens: int, repeats: int) -> tuple[list, list]:
+    """(rows, child command lines): one subprocess per method, then the ratios against text-mas."""
+    rows, commands = [], []
+    for method in methods:
+        cmd = [sys.executable, __file__, "--child", method, "--expert-set", expert_set, "--prompts", str(n),
+               "--max-new-tokens", str(tokens), "--repeats", str(repeats), "--dtype", args.dtype,
+               "--device", args.device, "--threads", str(args.threads), "--qwen-gguf", str(args.qwen_gguf)]
+        commands.append(" ".join(["python", os.path.relpath(__file__), *cmd[2:]]))
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", method, "--prompts", str(n),
-                               "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
-                               "--threads", str(args.threads), "--repeats", str(args.repeats)],
-                              capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            sys.exit(f"bench_e2e: {method} failed:\n{done.stderr[-3000:]}")
+            sys.exit(f"bench_e2e: {expert_set} {method} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"{method}: {rows[-1]['wall_s']:.1f} s ({time.perf_counter() - start:.0f} s with loading)",
+        print(f"{expert_set} {method}: {rows[-1]['wall_s']:.1f} s ({time.perf_counter() - start:.0f} s with loading)",
               file=sys.stderr)
     mas = next((r for r in rows if r["method"] == "text-mas"), None)
     for r in rows:
         r["tokens_vs_text_mas"] = round(r["tokens_processed"] / mas["tokens_processed"], 4) if mas else None
         r["wall_vs_text_mas"] = round(r["wall_s"] / mas["wall_s"], 4) if mas else None
-    shown = ["method", "wall_s", "expert_forward_s", "overhead_fraction", "tokens_generated", "tokens_processed",
-             "tokens_vs_text_mas", "latent_steps", "bus_bytes", "bus_kind", "peak_mem_bytes", "correct"]
-    print_table([{k: r[k] for k in shown} for r in rows])
-    if not args.no_write:
-        path = write_results("e2e", "cpu", rows, extra={
+    return rows, commands
+
+
+def print_profile(prof: dict) -> None:
+    from bench_common import print_table
+
+    print(f"profile: dlmom ({prof['controller']}), {prof['prompts']} prompts x {prof['max_new_tokens']} tokens: "
+          f"wall {prof['wall_s']:.2f} s, overhead {prof['overhead_s']:.2f} s ({100 * prof['overhead_fraction']:.1f}%); "
+          f"profiled: wall {prof['profiled_wall_s']:.2f} s, outside the forwards {prof['profiled_overhead_s']:.2f} s")
+    print_table([{k: c[k] for k in ("function", "via", "calls", "seconds", "share_of_wall")} for c in prof["largest3"]])
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import dlmom
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "dlmom": dlmom.__version__}
+
+
+def write(args, sections: dict, durations: dict, commands: dict) -> pathlib.Path:
+    """Write (or update: sections not run this time keep their stored block) e2e-<device>.json."""
+    import torch
+
+    import dlmom
+    from bench_common import device_name, git_commit
+
+    kind = "gpu" if args.device == "cuda" else "cpu"
+    path = args.out_dir / f"e2e-{kind}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(["bench_e2e.py", *sys.argv[1:]])
+    doc.update({"device": device_name(args.device), "torch": torch.__version__,
+                "dlmom": {"version": dlmom.__version__, "commit": git_commit()}, "date": now, "command": command,
+                "backend": dlmom.backend_info()["ops"]})
+    stamps = doc.setdefault("sections", {})
+    for name, block in sections.items():
+        stamps[name] = {"date": now, "commit": git_commit(), "command": command,
+                        "duration_s": round(durations[name], 1),
+                        "child_commands": commands.get(name, []),
+                        "settings": {"threads": args.threads, "dtype": args.dtype, "device": args.device,
+                                     "quick": args.quick, **versions(),
+                                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}}
+        if name == "main":  # the first table keeps its original top-level keys
+            doc.update(block)
+        else:
+            doc[name] = block
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    import torch
+
+    from bench_common import print_table
+
+    torch.set_num_threads(args.threads)  # the device name in the results records the thread count
+    dtype = getattr(torch, args.dtype)
+    sections, durations, commands = {}, {}, {}
+    began = time.perf_counter()
+
+    if "main" in args.sections:
+        start = time.perf_counter()
+        rows, commands["main"] = run_children(args, "default", args.methods, args.prompts, args.max_new_tokens,
+                                              args.repeats)
+        durations["main"] = time.perf_counter() - start
+        print_table([{k: r[k] for k in MAIN_SHOWN} for r in rows])
+        sections["main"] = {
             "experts": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised) in 3 roles: planner, solver, checker",
-            "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats})
-        print(f"wrote {path}")
+            "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+
+    if "scaling" in args.sections:
+        from e2e_scaling import CONTROLLER, scaling
+
+        start = time.perf_counter()
+        rows = scaling(prompts=args.scaling_prompts, max_new_tokens=args.scaling_tokens, repeats=args.repeats,
+                       dtype=dtype, device=args.device, log=lambda line: print(line, file=sys.stderr))
+        durations["scaling"] = time.perf_counter() - start
+        print_table([{k: r[k] for k in SCALING_SHOWN} for r in rows])
+        sections["scaling"] = {
+            "controller": CONTROLLER, "prompts": args.scaling_prompts, "max_new_tokens": args.scaling_tokens,
+            "note": "shared: roles of one SmolLM2 in one batched forward; separate: a model copy per expert, "
+                    "one forward each. step_s = wall / decode steps (prefill in the wall).", "rows": rows}
+        if not args.no_write:
+            from bench_common import device_name
+            from e2e_plot import plot_scaling
+
+            kind = "gpu" if args.device == "cuda" else "cpu"
+            png = plot_scaling(rows, args.out_dir / f"e2e-scaling-{kind}.png",
+                               f"dlmom scaling, SmolLM2-135M roles, controller={CONTROLLER}, "
+                               f"{args.scaling_tokens} tokens, {device_name(args.device)}")
+            if png:
+                print(f"wrote {png}")
+
+    if "profile" in args.sections:
+        from e2e_profile import profile
+
+        start = time.perf_counter()
+        sections["profile"] = profile(prompts=args.profile_prompts, max_new_tokens=args.profile_tokens, dtype=dtype,
+                                      device=args.device)
+        durations["profile"] = time.perf_counter() - start
+        print_profile(sections["profile"])
+
+    if "qwen" in args.sections:
+        start = time.perf_counter()
+        if not args.qwen_gguf.is_file():
+            print(f"bench_e2e: qwen section skipped, no GGUF at {args.qwen_gguf} (see --qwen-gguf)")
+            sections["qwen"] = {"skipped": f"no GGUF at {args.qwen_gguf}"}
+        else:
+            rows, commands["qwen"] = run_children(args, "qwen", QWEN_METHODS, args.qwen_prompts,
+                                                  args.qwen_max_new_tokens, args.qwen_repeats)
+            print_table([{k: r[k] for k in MAIN_SHOWN + ["bridge_resyncs"]} for r in rows])
+            sections["qwen"] = {
+                "experts": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, primary vocabulary) + SmolLM2-135M-Instruct "
+                           "(Text-Bridge), both in the solver role", "rows": rows}
+        durations["qwen"] = time.perf_counter() - start
+
+    print(f"bench_e2e: {', '.join(f'{k} {v:.0f} s' for k, v in durations.items())}; "
+          f"total {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    if not args.no_write:
+        print(f"wrote {write(args, sections, durations, commands)}")
 
 
 if __name__ == "__main__":
