@@ -51,8 +51,8 @@ sys.path.insert(0, str(HERE))
 
 from e2e_common import PROMPTS, QWEN_GGUF  # noqa: E402
 
-METHODS = ["dlmom-swir", "dlmom-explicit", "dlmom-latent", "single-planner", "single-solver", "single-checker",
-           "text-mas"]
+METHODS = ["dlmom-swir", "dlmom-swir-top1", "dlmom-explicit", "dlmom-latent", "single-planner", "single-solver",
+           "single-checker", "text-mas"]
 QWEN_METHODS = ["dlmom-swir", "single-qwen", "single-smollm2", "text-mas"]
 SECTIONS = ("main", "scaling", "profile", "qwen")
 # (full run, --quick) defaults of the size flags; a flag given on the command line wins over both.

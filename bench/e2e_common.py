@@ -107,14 +107,16 @@ class PeakRSS:
 
 
 def method_call(method: str, experts: list):
-    """(kind, a function answering (prompts, max_new_tokens)) for a bench method name: dlmom-<controller>,
+    """(kind, a function answering (prompts, max_new_tokens)) for a bench method name: dlmom-<controller>
+    (dlmom-<controller>-top<M>: the router keeps M experts per prompt),
     single-<role or model name>, text-mas. A dlmom method keeps one DLMoM instance across calls, so one-time
     set-up (the vocabulary alignment of a bridged expert) happens in the warm-up call, like loading."""
     from dlmom import DLMoM, DLMoMConfig
     from dlmom.baselines import run
 
     if method.startswith("dlmom-"):
-        mixture = DLMoM(experts, DLMoMConfig(controller=method.split("-", 1)[1]))
+        controller, _, top = method.split("-", 1)[1].partition("-top")  # dlmom-swir-top1: the router keeps 1
+        mixture = DLMoM(experts, DLMoMConfig(controller=controller, top_m=int(top) if top else None))
         return "dlmom", lambda prompts, tokens: mixture.generate(prompts, max_new_tokens=tokens, seed=0)
     if method.startswith("single-"):
         name = method.split("-", 1)[1]
@@ -124,7 +126,7 @@ def method_call(method: str, experts: list):
         return "single", lambda prompts, tokens: run("single", experts, prompts, max_new_tokens=tokens, expert=index)
     if method == "text-mas":
         return "text-mas", lambda prompts, tokens: run("text-mas", experts, prompts, max_new_tokens=tokens)
-    raise ValueError(f"method must be dlmom-<controller>, single-<expert> or text-mas, got {method!r}")
+    raise ValueError(f"method must be dlmom-<controller>[-top<M>], single-<expert> or text-mas, got {method!r}")
 
 
 def measure(method: str, experts: list, n: int, max_new_tokens: int, repeats: int) -> dict:
