@@ -579,3 +579,10 @@ def test_new_cache_builds_every_mode(deep):
     assert repr(both) == ("KIVICache(group_size=8, residual_length=16, merge_layers=True, merge_start=None, "
                           "merge_t=0.5, merge_threshold=0.25, layers=0)")
     assert "MiniCache" in dlmom.__all__ and dlmom.MiniCache is type(caches["minicache"])
+
+
+def test_engine_config_takes_every_mode():
+    for kv in KV_MODES:
+        assert dlmom.DLMoMConfig(kv=kv).kv == kv
+    with pytest.raises(ValueError, match="kv must be one of"):
+        dlmom.DLMoMConfig(kv="minicache+kivi")

@@ -196,7 +196,7 @@ class _PairStream:
             raise ValueError(f"MiniCache: the second layer of a merged pair archives {tuple(x.shape)} but the first "
                              f"has {tuple(self.pending.shape) if p else None} pending; merged layers need states "
                              f"of one shape, updated in order")
-        xa = self.pending[..., :n, :]
+        xa = self.pending[..., :n, :].to(x.device)  # the layers of a pair may sit on two devices
         direction, ma, mb, keep = merge_states(xa, x, t=self.t, threshold=self.threshold)
         self.pending = self.pending[..., n:, :].clone() if p > n else None
         idx = keep.nonzero().to(torch.int32)  # [m, 3]
@@ -215,7 +215,7 @@ class _PairStream:
                 i = self.keep_idx
                 out[i[:, 0], i[:, 1], i[:, 2]] = self.keep_vec
         if side == 0 and self.pending is not None:
-            out = self.pending if out is None else torch.cat([out, self.pending], dim=-2)
+            out = self.pending if out is None else torch.cat([out.to(self.pending.device), self.pending], dim=-2)
         return out
 
     def nbytes(self) -> int:
@@ -305,7 +305,8 @@ class _WindowLayer(CacheLayerMixin):
     def _archived(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The archived history back in the model's dtype: keys, values [B, H, n_archived, D] (n may be 0)."""
         dk, dv = (a.get(self.dtype) for a in self._arc)
-        return (self.keys[..., :0, :] if dk is None else dk), (self.values[..., :0, :] if dv is None else dv)
+        return (self.keys[..., :0, :] if dk is None else dk.to(self.device)), \
+            (self.values[..., :0, :] if dv is None else dv.to(self.device))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
