@@ -30,7 +30,7 @@ full-precision window (the ones KIVI would quantise); per token, head and kind o
 
 Layer l's update runs before layer l+1's in a forward, and each must return its whole history at once: layer
 l's newly archived tokens wait in full precision (``pending``) until layer l+1's states of the same tokens
-arrive, a few microseconds later in the same forward. Layers are created lazily, on the first forward: without
+arrive, later in the same forward. Layers are created lazily, on the first forward: without
 ``config`` the number of layers is known only when the second forward starts. Until then the layers whose role
 depends on it (from merge_start on; all of them when merge_start is None, i.e. mid-depth) keep their archived
 tokens in full precision, and a ``merge_start`` out of range raises there; pass ``config=model.config`` to
