@@ -1,13 +1,15 @@
-"""KIVICache: a transformers Cache holding keys per channel and values per token in 2 bits."""
+"""KIVICache and MiniCache: transformers Caches holding 2-bit keys and values, and merged adjacent layers."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig
 
 import dlmom
 import tiny_models
-from dlmom.kv_cache import KIVILayer, cache_nbytes, new_cache
+from dlmom.kv_cache import KV_MODES, KIVILayer, cache_nbytes, new_cache
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +244,345 @@ def test_exported_lazily():
 
     assert dlmom.KIVICache is KIVICache
     assert repr(KIVICache()) == "KIVICache(group_size=32, residual_length=128, layers=0)"
+
+
+# ================================================================ MiniCache: merged adjacent layers
+
+MERGED = ["minicache", "kivi+minicache"]
+
+
+@pytest.fixture(scope="module")
+def deep(tok):
+    """A 5-layer Llama: mid-depth (5 // 2 = 2) merges the pair (2, 3) and leaves layer 4 on its own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def _merged(kind: str, *, residual_length: int = 32, config=None, **merge):
+    if kind == "minicache":
+        return dlmom.MiniCache(residual_length=residual_length, config=config, **merge)
+    return dlmom.KIVICache(group_size=8, residual_length=residual_length, merge_layers=True, config=config, **merge)
+
+
+def _slerp_reference(xa: torch.Tensor, xb: torch.Tensor, t: float, threshold: float):
+    """MiniCache by the book, in float64: magnitudes, SLERP of the unit directions (xa's own direction where
+    arccos(cos) / pi > threshold), and that keep mask."""
+    xa, xb = xa.double(), xb.double()
+    ma, mb = xa.norm(dim=-1, keepdim=True), xb.norm(dim=-1, keepdim=True)
+    ua, ub = xa / ma, xb / mb
+    theta = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1, 1))
+    slerp = (torch.sin((1 - t) * theta) * ua + torch.sin(t * theta) * ub) / torch.sin(theta)
+    keep = theta / math.pi > threshold
+    return ma, mb, torch.where(keep, ua, slerp), keep.squeeze(-1)
+
+
+def _pair_states(n: int, *, seed: int, same: bool = False) -> list[torch.Tensor]:
+    """Keys and values [2, 3, n, 16] of two layers: the second is the first plus noise of a random size per
+    token, so the angles between them spread over both sides of a threshold around 0.25 (45 degrees)."""
+    g = torch.Generator().manual_seed(seed)
+    k0, v0 = torch.randn(2, 3, n, 16, generator=g) * torch.linspace(0.2, 3, 16), torch.randn(2, 3, n, 16, generator=g)
+    if same:
+        return [k0, v0, k0.clone(), v0.clone()]
+    noise = lambda x: x + torch.rand(2, 3, n, 1, generator=g) * 2 * torch.randn(x.shape, generator=g) * x.std()
+    return [k0, v0, noise(k0), noise(v0)]
+
+
+def _feed_pair(cache, states: list[torch.Tensor], *, prefill: int):
+    """Prefill two layers with ``prefill`` tokens, then the rest one by one. Returns each layer's whole history as
+    the next update reads it back (archived part, then the windows): [keys0, values0, keys1, values1]."""
+    k0, v0, k1, v1 = states
+    cache.update(k0[..., :prefill, :], v0[..., :prefill, :], 0)
+    cache.update(k1[..., :prefill, :], v1[..., :prefill, :], 1)
+    for t in range(prefill, k0.shape[-2]):
+        cache.update(k0[..., t:t + 1, :], v0[..., t:t + 1, :], 0)
+        cache.update(k1[..., t:t + 1, :], v1[..., t:t + 1, :], 1)
+    out = []
+    for layer in cache.layers:
+        dk, dv = layer._archived()
+        out += [torch.cat([dk, layer.keys], dim=-2), torch.cat([dv, layer.values], dim=-2)]
+    return out
+
+
+# ---------------------------------------------------------------- exact while nothing is archived
+
+@pytest.mark.parametrize("with_config", [True, False])
+@pytest.mark.parametrize("kind", MERGED)
+def test_merged_cache_equals_dynamic_cache_while_the_window_covers_the_sequence(deep, tok, kind, with_config):
+    ids = _ids(tok, 100, batch=2, seed=7)
+    full = DynamicCache(config=deep.config)
+    merged = _merged(kind, residual_length=128, config=deep.config if with_config else None)
+    assert torch.equal(_forward(deep, ids[:, :90], merged, "cache"), _forward(deep, ids[:, :90], full, "cache"))
+    for t in range(90, 100):
+        assert torch.equal(_forward(deep, ids[:, t:t + 1], merged, "cache"),
+                           _forward(deep, ids[:, t:t + 1], full, "cache"))
+    assert merged.num_layers == 5 and [layer.role for layer in merged.layers] == ["own", "own", "a", "b", "own"]
+    assert merged.nbytes() == _dense_nbytes(full)
+
+
+# ---------------------------------------------------------------- what a merged pair restores
+
+@pytest.mark.parametrize("t,threshold", [(0.6, 0.25), (0.3, 0.4)])
+@pytest.mark.parametrize("prefill,n", [(70, 70), (20, 90)])
+def test_minicache_restores_magnitude_times_slerp_and_retained_tokens_exactly(t, threshold, prefill, n):
+    states = _pair_states(n, seed=prefill + n)
+    R = 16
+    cache = dlmom.MiniCache(residual_length=R, merge_start=0, merge_t=t, merge_threshold=threshold,
+                            config=LlamaConfig(num_hidden_layers=2))
+    out = _feed_pair(cache, states, prefill=prefill)
+    na = n - R  # archived (merged) tokens of both kinds: sliding windows of R
+    for kind in (0, 1):
+        xa, xb = states[kind][..., :na, :], states[2 + kind][..., :na, :]
+        ma, mb, direction, keep = _slerp_reference(xa, xb, t, threshold)
+        assert 0 < keep.sum() < keep.numel(), "the test needs merged and retained tokens"
+        torch.testing.assert_close(out[kind][..., :na, :].double(), ma * direction, rtol=1e-5, atol=1e-5)
+        want_b = torch.where(keep.unsqueeze(-1), xb.double(), mb * direction)
+        torch.testing.assert_close(out[2 + kind][..., :na, :].double(), want_b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[2 + kind][..., :na, :][keep], xb[keep])  # retained: the layer's own vector
+        for layer in (0, 1):  # the window: exact
+            assert torch.equal(out[2 * layer + kind][..., na:n, :], states[2 * layer + kind][..., na:, :])
+        stream = cache.layers[0]._arc[kind].stream
+        assert stream.pending is None and len(stream) == na and stream.keep_idx.shape[0] == keep.sum()
+
+
+@pytest.mark.parametrize("prefill,n", [(70, 70), (20, 90)])
+def test_kivi_merged_pair_restores_within_half_a_step_of_the_slerp_direction(prefill, n):
+    t, threshold, G, R = 0.6, 0.25, 8, 16
+    states = _pair_states(n, seed=n)
+    cache = dlmom.KIVICache(group_size=G, residual_length=R, merge_layers=True, merge_start=0, merge_t=t,
+                            merge_threshold=threshold, config=LlamaConfig(num_hidden_layers=2))
+    out = _feed_pair(cache, states, prefill=prefill)
+    a, b = cache.layers
+    archived = {0: (n - 1) // R * R, 1: n - R}  # keys: whole blocks of R; values: a sliding window of R
+    for kind, q in ((0, a.quantized_keys), (1, [a.quantized_values])):
+        na = archived[kind]
+        assert b.quantized_keys == a.quantized_keys and sum(x.shape[-2] for x in q) == na  # one copy, shared
+        xa, xb = states[kind][..., :na, :], states[2 + kind][..., :na, :]
+        ma, mb, direction, keep = _slerp_reference(xa, xb, t, threshold)
+        assert 0 < keep.sum() < keep.numel(), "the test needs merged and retained tokens"
+        start = 0
+        for block in q:  # the merged direction is what is quantised, by KIVI's rule for its kind
+            assert block.axis == (-2 if kind == 0 else -1)
+            m = block.shape[-2]
+            assert (_half_step_error(block, direction[..., start:start + m, :].float()) <= 1e-5).all()
+            start += m
+        deq = torch.cat([dlmom.kv_dequant2(block) for block in q], dim=-2).double()
+        torch.testing.assert_close(out[kind][..., :na, :].double(), ma * deq, rtol=1e-5, atol=1e-5)
+        want_b = torch.where(keep.unsqueeze(-1), xb.double(), mb * deq)
+        torch.testing.assert_close(out[2 + kind][..., :na, :].double(), want_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MERGED)
+@pytest.mark.parametrize("t", [0.0, 0.6, 1.0])
+def test_identical_adjacent_layers_restore_exactly(kind, t):
+    states = _pair_states(80, seed=11, same=True)
+    cache = _merged(kind, residual_length=16, merge_start=0, merge_t=t, merge_threshold=0.0,
+                    config=LlamaConfig(num_hidden_layers=2))
+    out = _feed_pair(cache, states, prefill=60)
+    stream = cache.layers[0]._arc[1].stream
+    assert len(stream) == 64 and stream.keep_idx.shape[0] == 0  # identical directions: nothing is retained
+    if kind == "minicache":
+        for got, want in zip(out, states):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # the one quantised direction, within half a step of each layer's own, times its magnitude
+        a = cache.layers[0]
+        for kind, q in ((0, a.quantized_keys[0]), (1, a.quantized_values)):
+            x, n = states[kind], q.shape[-2]
+            assert torch.equal(out[kind], out[2 + kind])
+            norm = x[..., :n, :].norm(dim=-1, keepdim=True)
+            assert (_half_step_error(q, x[..., :n, :] / norm) <= 1e-6).all()
+            torch.testing.assert_close(out[kind][..., :n, :], norm * dlmom.kv_dequant2(q), rtol=1e-6, atol=1e-6)
+            assert torch.equal(out[kind][..., n:, :], x[..., n:, :])
+
+
+@pytest.mark.parametrize("kind", MERGED)
+def test_threshold_zero_retains_every_token(kind):
+    states = _pair_states(80, seed=12)
+    cache = _merged(kind, residual_length=16, merge_start=0, merge_threshold=0.0,
+                    config=LlamaConfig(num_hidden_layers=2))
+    out = _feed_pair(cache, states, prefill=60)
+    for k in (0, 1):
+        stream = cache.layers[0]._arc[k].stream
+        na = len(stream)
+        assert na and stream.keep_idx.shape[0] == 2 * 3 * na  # every (batch, head, token)
+        assert torch.equal(out[2 + k][..., :na, :], states[2 + k][..., :na, :])  # layer l+1: its own states
+        if kind == "minicache":  # layer l: its magnitude times its own direction
+            torch.testing.assert_close(out[k][..., :na, :], states[k][..., :na, :], rtol=1e-6, atol=1e-6)
+
+
+def test_zero_vectors_restore_without_nan():
+    states = _pair_states(40, seed=13)
+    for x in states:
+        x[:, :, ::3] = 0  # whole tokens zero in both layers, and in one layer only below
+    states[2][:, :, 1::3] = 0
+    cache = dlmom.MiniCache(residual_length=8, merge_start=0, config=LlamaConfig(num_hidden_layers=2))
+    out = _feed_pair(cache, states, prefill=40)
+    for got, want in zip(out, states):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[..., :32, :][..., ::3, :], want[..., :32, :][..., ::3, :])
+
+
+# ---------------------------------------------------------------- memory and the model end to end
+
+def test_merged_caches_hold_less_at_2048_tokens(deep, tok):
+    # A random model's adjacent layers are almost orthogonal (angle / pi ~ 0.5), so the default threshold would
+    # retain nearly every token here: merge them all (threshold 1) to measure what merging itself saves.
+    ids = _ids(tok, 2048, seed=2)
+    caches = {"full": DynamicCache(config=deep.config), "kivi": dlmom.KIVICache(),
+              "minicache": dlmom.MiniCache(merge_start=1, merge_threshold=1.0, config=deep.config),
+              "kivi+minicache": dlmom.KIVICache(merge_layers=True, merge_start=1, merge_threshold=1.0,
+                                                config=deep.config)}
+    for cache in caches.values():
+        _forward(deep, ids[:, :2000], cache, "cache")
+        for t in range(2000, 2048):
+            _forward(deep, ids[:, t:t + 1], cache, "cache")
+    full, kivi = _dense_nbytes(caches["full"]), caches["kivi"].nbytes()
+    mini, both = caches["minicache"].nbytes(), caches["kivi+minicache"].nbytes()
+    assert mini < full and both < kivi, (mini / full, both / kivi)
+    # What is held, counted from the parts: pairs (1, 2) and (3, 4) keep one direction each plus both
+    # magnitudes [B, H, n] in fp32; the windows (R = 128) stay per layer.
+    B, H, D, n_k, n_v = 1, 2, 16, 1920, 2048 - 128
+    layers = caches["kivi"].layers
+    mags = 2 * 2 * B * H * (n_k + n_v) * 4  # two pairs, two magnitudes, fp32
+    want = kivi - sum(sum(q.nbytes() for q in layers[i].quantized_keys) + layers[i].quantized_values.nbytes()
+                      for i in (2, 4)) + mags
+    assert both == want, (both, want)
+    want = full - 2 * B * H * (n_k + n_v) * D * 4 + mags  # minicache: one direction instead of two states per pair
+    assert mini == want, (mini, want)
+    for cache in (caches["minicache"], caches["kivi+minicache"]):
+        streams = [s.stream for layer in cache.layers if layer.role == "a" for s in layer._arc]
+        assert len(streams) == 4 and all(s.pending is None and s.keep_idx.shape[0] == 0 for s in streams)
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+@pytest.mark.parametrize("kind", MERGED)
+def test_greedy_generate_runs_with_a_merged_cache(deep, tok, kind, with_config):
+    n, new = 200, 16
+    ids = _ids(tok, n, seed=3)
+    args = dict(max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+    cache = _merged(kind, config=deep.config if with_config else None, merge_threshold=1.0)
+    with torch.inference_mode():
+        got = deep.generate(ids, cache=cache, **args)
+    assert got.shape == (1, n + new) and torch.equal(got[:, :n], ids)
+    assert cache.get_seq_length() == n + new - 1
+    stream = cache.layers[2]._arc[1].stream
+    assert len(stream) == n + new - 1 - 32 and stream.pending is None  # values: all but the window merged
+
+
+@pytest.mark.parametrize("kind", MERGED)
+def test_lazy_layer_count_merges_at_the_second_forward_as_with_config(deep, tok, kind):
+    ids = _ids(tok, 100, seed=8)
+    lazy, known = _merged(kind, merge_threshold=1.0), _merged(kind, config=deep.config, merge_threshold=1.0)
+    assert torch.equal(_forward(deep, ids[:, :90], lazy, "cache"), _forward(deep, ids[:, :90], known, "cache"))
+    # Until the second forward the lazy cache cannot know that layers 2 and 3 merge: it holds them in full.
+    assert lazy.num_layers is None and all(layer.role is None for layer in lazy.layers[2:])
+    assert lazy.nbytes() > known.nbytes()
+    for t in range(90, 100):
+        torch.testing.assert_close(_forward(deep, ids[:, t:t + 1], lazy, "cache"),
+                                   _forward(deep, ids[:, t:t + 1], known, "cache"), rtol=1e-5, atol=1e-5)
+    assert [layer.role for layer in lazy.layers] == ["own", "own", "a", "b", "own"]
+    assert lazy.nbytes() == known.nbytes()
+
+
+# ---------------------------------------------------------------- what the engine may do with a merged cache
+
+@pytest.mark.parametrize("kind", MERGED)
+def test_batch_select_reorder_and_repeat_on_a_merged_cache(deep, tok, kind):
+    ids = _ids(tok, 100, batch=3, seed=4)
+    nxt = _ids(tok, 1, batch=3, seed=5)
+    # threshold 0.45: a random model's layers are ~0.5 apart, so rows hold both merged and retained tokens
+    both = _merged(kind, config=deep.config, merge_threshold=0.45)
+    _forward(deep, ids, both, "cache")
+    keep = both.layers[2]._arc[0].stream.keep_idx
+    assert 0 < keep.shape[0] < 3 * 2 * 68 and set(keep[:, 0].tolist()) == {0, 1, 2}
+    both.batch_select_indices(torch.tensor([2, 0]))
+    both.reorder_cache(torch.tensor([1, 0]))  # rows are now [0, 2]
+    both.batch_repeat_interleave(2)  # rows are now [0, 0, 2, 2]
+    got = _forward(deep, nxt[[0, 0, 2, 2]], both, "cache")
+    for row, i in enumerate([0, 0, 2, 2]):
+        alone = _merged(kind, config=deep.config, merge_threshold=0.45)
+        _forward(deep, ids[i:i + 1], alone, "cache")
+        torch.testing.assert_close(got[row:row + 1], _forward(deep, nxt[i:i + 1], alone, "cache"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MERGED)
+def test_crop_a_merged_cache_inside_the_windows_all_or_nothing(deep, tok, kind):
+    cache = _merged(kind, config=deep.config)
+    _forward(deep, _ids(tok, 70, seed=9), cache, "cache")
+    window = cache.layers[2].keys.shape[-2]
+    with pytest.raises(ValueError, match="full precision"):
+        cache.crop(-(window + 1))
+    assert all(layer.get_seq_length() == 70 for layer in cache.layers)  # nothing cropped
+    cache.crop(-3)
+    assert all(layer.get_seq_length() == 67 for layer in cache.layers)
+
+
+# ---------------------------------------------------------------- configuration of merging
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(merge_start=-1), "merge_start"),
+    (dict(merge_start=1.0), "merge_start"),
+    (dict(merge_t=-0.1), "merge_t"),
+    (dict(merge_t=1.5), "merge_t"),
+    (dict(merge_t="0.6"), "merge_t"),
+    (dict(merge_threshold=-0.01), "merge_threshold"),
+    (dict(merge_threshold=2), "merge_threshold"),
+    (dict(merge_threshold=True), "merge_threshold"),
+    (dict(merge_threshold=float("nan")), "merge_threshold"),
+])
+@pytest.mark.parametrize("kind", MERGED)
+def test_bad_merge_configuration_raises_naming_the_argument(kind, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        _merged(kind, **kwargs)
+
+
+@pytest.mark.parametrize("kind", MERGED)
+def test_merge_start_outside_the_layers_raises(deep, tok, kind):
+    with pytest.raises(ValueError, match=r"merge_start must be in \[0, num_layers - 2 = 3\].*got 4"):
+        _merged(kind, merge_start=4, config=deep.config)
+    assert _merged(kind, merge_start=3, config=deep.config).num_layers == 5
+    # Without a config the count is known when the second forward starts: it raises there, before merging.
+    lazy = _merged(kind, merge_start=4)
+    _forward(deep, _ids(tok, 40), lazy, "cache")
+    with pytest.raises(ValueError, match=r"merge_start must be in \[0, num_layers - 2 = 3\].*got 4"):
+        _forward(deep, _ids(tok, 1), lazy, "cache")
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        _merged(kind, config=LlamaConfig(num_hidden_layers=1))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(residual_length=0), "residual_length"),
+    (dict(residual_length=12.0), "residual_length"),
+])
+def test_minicache_bad_residual_length(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        dlmom.MiniCache(**kwargs)
+    with pytest.raises(ValueError, match="merge_layers"):
+        dlmom.KIVICache(merge_layers=1)
+
+
+def test_new_cache_builds_every_mode(deep):
+    assert KV_MODES == ("full", "kivi", "minicache", "kivi+minicache")
+    caches = {kv: new_cache(kv, deep.config, group_size=8, residual_length=16, merge_t=0.5) for kv in KV_MODES}
+    assert isinstance(caches["full"], DynamicCache)
+    assert isinstance(caches["kivi"], dlmom.KIVICache) and not caches["kivi"].merge_layers
+    assert isinstance(caches["minicache"], dlmom.MiniCache) and caches["minicache"].residual_length == 16
+    both = caches["kivi+minicache"]
+    assert isinstance(both, dlmom.KIVICache) and both.merge_layers and both.group_size == 8
+    assert both.num_layers == caches["minicache"].num_layers == 5 and both.merge_t == 0.5
+    assert repr(both) == ("KIVICache(group_size=8, residual_length=16, merge_layers=True, merge_start=None, "
+                          "merge_t=0.5, merge_threshold=0.25, layers=0)")
+    assert "MiniCache" in dlmom.__all__ and dlmom.MiniCache is type(caches["minicache"])
+
+
+def test_engine_config_takes_every_mode():
+    for kv in KV_MODES:
+        assert dlmom.DLMoMConfig(kv=kv).kv == kv
+    with pytest.raises(ValueError, match="kv must be one of"):
+        dlmom.DLMoMConfig(kv="minicache+kivi")

@@ -15,7 +15,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 OPS = ("soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2")
 
 __all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2", "Packet", "QuantizedKV",
-           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Expert", "KIVICache"]
+           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Expert", "KIVICache",
+           "MiniCache"]
 
 
 def backend_info() -> dict:
@@ -57,8 +58,8 @@ def __getattr__(name):
         from .experts import Expert
 
         return Expert
-    if name == "KIVICache":
-        from .kv_cache import KIVICache
+    if name in ("KIVICache", "MiniCache"):
+        from . import kv_cache
 
-        return KIVICache
+        return getattr(kv_cache, name)
     raise AttributeError(f"module 'dlmom' has no attribute {name!r}")

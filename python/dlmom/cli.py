@@ -69,6 +69,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .kv_cache import KV_MODES
+
     parser = _Parser(
         prog="dlmom", description="Deep-Latent Mixture of Models: several LMs reasoning together in latent space.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -101,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--theta", type=float, default=0.0, help="TIES trim threshold on centred logits (default 0)")
     run.add_argument("--top-m", type=int, metavar="M", help="experts the router keeps per prompt (default all)")
     run.add_argument("--max-latent-steps", type=int, default=64, metavar="N", help="latent step cap (default 64)")
-    run.add_argument("--kv", choices=["full", "kivi"], default="full",
-                     help="expert KV cache: full precision, or KIVI 2-bit (default full)")
+    run.add_argument("--kv", choices=KV_MODES, default="full",
+                     help="expert KV cache: full precision (default), KIVI 2-bit, MiniCache (adjacent deep "
+                          "layers merged), or both")
     run.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings: the answer ends before the first")
     run.add_argument("--seed", type=int, help="seed for sampling and packet noise")
     run.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without chat templates")
