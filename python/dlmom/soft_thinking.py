@@ -114,6 +114,8 @@ class SoftThinkingEngine:
 
     def _scatter(self, logits: torch.Tensor) -> torch.Tensor:
         """[R, B, V] from the last-position logits [N_active, 1, V] of the active rows (zeros elsewhere)."""
+        if self.active.numel() == self.roles * self.batch:
+            return logits[:, -1].view(self.roles, self.batch, -1)
         out = logits.new_zeros(self.roles * self.batch, logits.shape[-1])
         out[self.active.to(logits.device)] = logits[:, -1]
         return out.view(self.roles, self.batch, -1)
