@@ -9,7 +9,7 @@ from transformers import DynamicCache, LlamaConfig
 
 import dlmom
 import tiny_models
-from dlmom.kv_cache import KV_MODES, KIVILayer, cache_nbytes, new_cache
+from dlmom.kv_cache import KV_MODES, KIVILayer, MiniCacheLayer, cache_nbytes, new_cache
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,14 @@ def _half_step_error(q, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[q.axis]
     half = q.scale.float().repeat_interleave(G, dim=q.axis).narrow(q.axis, 0, n) / 2
     return (deq - x.float()).abs() - half
+
+
+def _retained_half_step_error(got: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """|got - x| - scale / 2 per element, scale that of 2-bit per-token quantisation of x [..., D] (KIVI's value
+    rule, which is how a merged pair's retained vectors are stored: each alone, groups over its channels)."""
+    q = dlmom.kv_quant2(x.float().contiguous(), group_size=group_size, axis=-1)
+    half = q.scale.repeat_interleave(group_size, dim=-1)[..., :x.shape[-1]] / 2
+    return (got.float() - x.float()).abs() - half
 
 
 def _forward(model, ids, cache, kwarg: str):
@@ -347,7 +355,7 @@ def test_minicache_restores_magnitude_times_slerp_and_retained_tokens_exactly(t,
         for layer in (0, 1):  # the window: exact
             assert torch.equal(out[2 * layer + kind][..., na:n, :], states[2 * layer + kind][..., na:, :])
         stream = cache.layers[0]._arc[kind].stream
-        assert stream.pending is None and len(stream) == na and stream.keep_idx.shape[0] == keep.sum()
+        assert stream.pending is None and len(stream) == na and len(stream.retained) == keep.sum()
 
 
 @pytest.mark.parametrize("prefill,n", [(70, 70), (20, 90)])
@@ -373,8 +381,11 @@ def test_kivi_merged_pair_restores_within_half_a_step_of_the_slerp_direction(pre
             start += m
         deq = torch.cat([dlmom.kv_dequant2(block) for block in q], dim=-2).double()
         torch.testing.assert_close(out[kind][..., :na, :].double(), ma * deq, rtol=1e-5, atol=1e-5)
-        want_b = torch.where(keep.unsqueeze(-1), xb.double(), mb * deq)
-        torch.testing.assert_close(out[2 + kind][..., :na, :].double(), want_b, rtol=1e-5, atol=1e-5)
+        got_b = out[2 + kind][..., :na, :]
+        torch.testing.assert_close(got_b[~keep].double(), (mb * deq)[~keep], rtol=1e-5, atol=1e-5)
+        # retained: layer l+1's own vector, 2-bit per token like the rest of the archive
+        assert (_retained_half_step_error(got_b, xb, G)[keep] <= 1e-6).all()
+        assert not torch.equal(got_b[keep], xb[keep]), "retained vectors are quantised under KIVI"
 
 
 @pytest.mark.parametrize("kind", MERGED)
@@ -385,7 +396,7 @@ def test_identical_adjacent_layers_restore_exactly(kind, t):
                     config=LlamaConfig(num_hidden_layers=2))
     out = _feed_pair(cache, states, prefill=60)
     stream = cache.layers[0]._arc[1].stream
-    assert len(stream) == 64 and stream.keep_idx.shape[0] == 0  # identical directions: nothing is retained
+    assert len(stream) == 64 and len(stream.retained) == 0  # identical directions: nothing is retained
     if kind == "minicache":
         for got, want in zip(out, states):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -401,18 +412,58 @@ def test_identical_adjacent_layers_restore_exactly(kind, t):
 
 
 @pytest.mark.parametrize("kind", MERGED)
-def test_threshold_zero_retains_every_token(kind):
+def test_a_pair_that_retains_every_token_is_stored_as_two_unmerged_layers(kind):
+    # Threshold 0 retains every token pair: merged, the pair would hold more than two unmerged layers, so it is
+    # stored split, each layer exactly as an unmerged layer of the same cache stores it.
     states = _pair_states(80, seed=12)
     cache = _merged(kind, residual_length=16, merge_start=0, merge_threshold=0.0,
                     config=LlamaConfig(num_hidden_layers=2))
     out = _feed_pair(cache, states, prefill=60)
     for k in (0, 1):
         stream = cache.layers[0]._arc[k].stream
+        assert stream.split and len(stream) == 64 and stream.retained.mask is None
+    plain = [MiniCacheLayer(residual_length=16) if kind == "minicache"
+             else KIVILayer(group_size=8, residual_length=16) for _ in range(2)]
+    for layer, k, v in zip(plain, states[::2], states[1::2]):
+        layer.update(k[..., :60, :], v[..., :60, :])
+        for t in range(60, 80):
+            layer.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
+    want = []
+    for layer in plain:
+        dk, dv = layer._archived()
+        want += [torch.cat([dk, layer.keys], dim=-2), torch.cat([dv, layer.values], dim=-2)]
+    for got, w, x in zip(out, want, states):
+        assert torch.equal(got, w)
+        if kind == "minicache":
+            assert torch.equal(got, x)
+    assert cache.nbytes() == sum(layer.nbytes() for layer in plain)
+
+
+def test_retained_tokens_after_a_merged_start_cost_at_most_the_magnitudes():
+    # The first tokens decide (merged: the layers are identical there); later ones are all retained. Then the
+    # pair holds what two unmerged KIVI layers hold plus the magnitudes and the mask (group_size divides D, so
+    # a retained key's 2-bit form per token costs what it costs per channel).
+    n, first, G, R = 120, 60, 8, 16
+    states = _pair_states(n, seed=14)
+    for k in (0, 1):
+        states[2 + k][..., :first, :] = states[k][..., :first, :]
+    cache = _merged("kivi+minicache", residual_length=R, merge_start=0, merge_threshold=0.0,
+                    config=LlamaConfig(num_hidden_layers=2))
+    out = _feed_pair(cache, states, prefill=first)
+    plain = [KIVILayer(group_size=G, residual_length=R) for _ in range(2)]
+    for layer, k, v in zip(plain, states[::2], states[1::2]):
+        layer.update(k[..., :first, :], v[..., :first, :])
+        for t in range(first, n):
+            layer.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
+    extra = 0
+    for k in (0, 1):
+        stream = cache.layers[0]._arc[k].stream
         na = len(stream)
-        assert na and stream.keep_idx.shape[0] == 2 * 3 * na  # every (batch, head, token)
-        assert torch.equal(out[2 + k][..., :na, :], states[2 + k][..., :na, :])  # layer l+1: its own states
-        if kind == "minicache":  # layer l: its magnitude times its own direction
-            torch.testing.assert_close(out[k][..., :na, :], states[k][..., :na, :], rtol=1e-6, atol=1e-6)
+        assert not stream.split and len(stream.retained) == 2 * 3 * (na - first)  # all pairs after `first`
+        got, x = out[2 + k][..., first:na, :], states[2 + k][..., first:na, :]
+        assert (_retained_half_step_error(got, x, G) <= 1e-6).all() and not torch.equal(got, x)
+        extra += 2 * 3 * na * (2 * 4 + 1)  # two fp32 magnitudes and a mask byte per token and head
+    assert cache.nbytes() <= sum(layer.nbytes() for layer in plain) + extra
 
 
 def test_zero_vectors_restore_without_nan():
@@ -429,34 +480,46 @@ def test_zero_vectors_restore_without_nan():
 
 # ---------------------------------------------------------------- memory and the model end to end
 
-def test_merged_caches_hold_less_at_2048_tokens(deep, tok):
+def test_merged_caches_hold_less_at_2048_tokens_and_never_more_than_unmerged(deep, tok):
     # A random model's adjacent layers are almost orthogonal (angle / pi ~ 0.5), so the default threshold would
-    # retain nearly every token here: merge them all (threshold 1) to measure what merging itself saves.
+    # retain nearly every token here: merge them all (threshold 1) to measure what merging itself saves, and
+    # retain them all (threshold 0) to check that the pairs are then stored as unmerged layers, exactly.
+    # group_size 8: with head_dim 16, a KIVI token costs more than the two magnitudes a merge adds (at 32 it
+    # does not, and the keys would rightly be stored split even at threshold 1).
     ids = _ids(tok, 2048, seed=2)
-    caches = {"full": DynamicCache(config=deep.config), "kivi": dlmom.KIVICache(),
+    kivi = lambda **merge: dlmom.KIVICache(group_size=8, config=deep.config, **merge)
+    caches = {"full": DynamicCache(config=deep.config), "kivi": kivi(),
               "minicache": dlmom.MiniCache(merge_start=1, merge_threshold=1.0, config=deep.config),
-              "kivi+minicache": dlmom.KIVICache(merge_layers=True, merge_start=1, merge_threshold=1.0,
-                                                config=deep.config)}
-    for cache in caches.values():
+              "kivi+minicache": kivi(merge_layers=True, merge_start=1, merge_threshold=1.0),
+              "minicache@0": dlmom.MiniCache(merge_start=1, merge_threshold=0.0, config=deep.config),
+              "kivi+minicache@0": kivi(merge_layers=True, merge_start=1, merge_threshold=0.0)}
+    last = {}
+    for name, cache in caches.items():
         _forward(deep, ids[:, :2000], cache, "cache")
         for t in range(2000, 2048):
-            _forward(deep, ids[:, t:t + 1], cache, "cache")
+            last[name] = _forward(deep, ids[:, t:t + 1], cache, "cache")
     full, kivi = _dense_nbytes(caches["full"]), caches["kivi"].nbytes()
     mini, both = caches["minicache"].nbytes(), caches["kivi+minicache"].nbytes()
     assert mini < full and both < kivi, (mini / full, both / kivi)
     # What is held, counted from the parts: pairs (1, 2) and (3, 4) keep one direction each plus both
-    # magnitudes [B, H, n] in fp32; the windows (R = 128) stay per layer.
+    # magnitudes [B, H, n] in fp32 and the bool mask of retained tokens; the windows (R = 128) stay per layer.
     B, H, D, n_k, n_v = 1, 2, 16, 1920, 2048 - 128
     layers = caches["kivi"].layers
-    mags = 2 * 2 * B * H * (n_k + n_v) * 4  # two pairs, two magnitudes, fp32
+    mags = 2 * (2 * 4 + 1) * B * H * (n_k + n_v)  # two pairs: two fp32 magnitudes and a mask byte
     want = kivi - sum(sum(q.nbytes() for q in layers[i].quantized_keys) + layers[i].quantized_values.nbytes()
                       for i in (2, 4)) + mags
     assert both == want, (both, want)
     want = full - 2 * B * H * (n_k + n_v) * D * 4 + mags  # minicache: one direction instead of two states per pair
     assert mini == want, (mini, want)
-    for cache in (caches["minicache"], caches["kivi+minicache"]):
-        streams = [s.stream for layer in cache.layers if layer.role == "a" for s in layer._arc]
-        assert len(streams) == 4 and all(s.pending is None and s.keep_idx.shape[0] == 0 for s in streams)
+    # Everything retained: stored split, i.e. exactly the unmerged cache, bytes and outputs.
+    assert caches["kivi+minicache@0"].nbytes() == kivi and caches["minicache@0"].nbytes() == full
+    assert torch.equal(last["kivi+minicache@0"], last["kivi"]) and torch.equal(last["minicache@0"], last["full"])
+    for name, cache in caches.items():
+        streams = [s.stream for layer in cache.layers if getattr(layer, "role", None) == "a" for s in layer._arc]
+        assert len(streams) == (0 if "minicache" not in name else 4)
+        for s in streams:
+            assert s.pending is None and s.split == name.endswith("@0") and len(s) == (n_v if s.split else len(s))
+            assert s.split or len(s.retained) == 0
 
 
 @pytest.mark.parametrize("with_config", [True, False])
@@ -491,21 +554,26 @@ def test_lazy_layer_count_merges_at_the_second_forward_as_with_config(deep, tok,
 
 # ---------------------------------------------------------------- what the engine may do with a merged cache
 
+@pytest.mark.parametrize("threshold", [0.52, 0.0])
 @pytest.mark.parametrize("kind", MERGED)
-def test_batch_select_reorder_and_repeat_on_a_merged_cache(deep, tok, kind):
+def test_batch_select_reorder_and_repeat_on_a_merged_cache(deep, tok, kind, threshold):
     ids = _ids(tok, 100, batch=3, seed=4)
     nxt = _ids(tok, 1, batch=3, seed=5)
-    # threshold 0.45: a random model's layers are ~0.5 apart, so rows hold both merged and retained tokens
-    both = _merged(kind, config=deep.config, merge_threshold=0.45)
+    # threshold 0.52: a random model's layers are ~0.5 apart, so rows hold both merged and retained tokens, and
+    # merging is still the cheaper form; threshold 0 retains every token, so the pair is stored split.
+    both = _merged(kind, config=deep.config, merge_threshold=threshold)
     _forward(deep, ids, both, "cache")
-    keep = both.layers[2]._arc[0].stream.keep_idx
-    assert 0 < keep.shape[0] < 3 * 2 * 68 and set(keep[:, 0].tolist()) == {0, 1, 2}
+    for stream in (s.stream for s in both.layers[2]._arc):
+        assert stream.split == (threshold == 0)
+        if not stream.split:
+            mask = stream.retained.mask  # [n, B, H]
+            assert 0 < mask.sum() < mask.numel() and mask.any(2).any(0).all() and not mask.all(2).all(0).any()
     both.batch_select_indices(torch.tensor([2, 0]))
     both.reorder_cache(torch.tensor([1, 0]))  # rows are now [0, 2]
     both.batch_repeat_interleave(2)  # rows are now [0, 0, 2, 2]
     got = _forward(deep, nxt[[0, 0, 2, 2]], both, "cache")
     for row, i in enumerate([0, 0, 2, 2]):
-        alone = _merged(kind, config=deep.config, merge_threshold=0.45)
+        alone = _merged(kind, config=deep.config, merge_threshold=threshold)
         _forward(deep, ids[i:i + 1], alone, "cache")
         torch.testing.assert_close(got[row:row + 1], _forward(deep, nxt[i:i + 1], alone, "cache"),
                                    rtol=1e-5, atol=1e-5)

@@ -23,10 +23,19 @@ full-precision window (the ones KIVI would quantise); per token, head and kind o
 - the angle theta between the two directions, and d = theta / pi in [0, 1];
 - one merged direction per pair, SLERP(u_l, u_{l+1}; t) = sin((1 - t) theta) / sin(theta) u_l
   + sin(t theta) / sin(theta) u_{l+1} (a plain lerp when sin(theta) is ~0), both magnitudes in the model dtype;
-- where d > merge_threshold the tokens stay unmerged: the merged slot holds u_l and layer l+1 keeps its own
-  vector (its batch, head, token index and the vector);
+- where d > merge_threshold the tokens stay unmerged ("retained"): the merged slot holds u_l and layer l+1
+  keeps its own vector, listed by a bool mask [n, B, H] (one byte per token and head); under KIVI that vector
+  is stored 2-bit on its own (``kv_quant2(axis=-1)``, groups of ``group_size`` channels, keys too: a lone
+  vector has no token group to quantise per channel), in full precision for MiniCache alone;
 - on read each layer gets m * direction back (its own vector where retained). Under KIVI the merged
   direction is what gets quantised (keys per channel, values per token, by the rules above).
+
+Retained tokens cost a merged pair more than they save: per token and head, a merged pair with every token
+retained holds what two unmerged layers hold plus the two magnitudes and the mask byte (when group_size
+divides the head dim). So the first tokens a pair archives (per kind) decide, once, how it is stored: merged
+where that holds them in fewer bytes than two unmerged layers would, else split, each layer archiving its
+tokens exactly as an unmerged layer of the same cache does (then outputs and bytes equal the unmerged cache's).
+The decision is not revisited: later tokens retained more often cost at most the magnitudes and the mask.
 
 Layer l's update runs before layer l+1's in a forward, and each must return its whole history at once: layer
 l's newly archived tokens wait in full precision (``pending``) until layer l+1's states of the same tokens
@@ -171,27 +180,109 @@ class _QuantStore:
         self.blocks = []
 
 
-class _PairStream:
-    """The merged archive of one kind of state (keys or values) of layers (l, l+1), MiniCache style.
+class _Retained:
+    """Layer l+1's own vectors where a merged pair keeps it unmerged: a bool mask [n, B, H] (token-major, so that
+    appending tokens appends rows) and the vectors [m, D] in the mask's row-major order (``mask.nonzero()``'s):
+    in full precision (``group_size`` None, MiniCache) or 2-bit per vector (``kv_quant2(axis=-1)``, under KIVI:
+    each vector stands alone, so keys and values alike are quantised over their channels)."""
 
-    dirs      the merged directions (a _PlainStore, or a _QuantStore under KIVI), model dtype [B, H, n, D]
-    mags      each layer's magnitudes [B, H, n], model dtype
-    keep_idx  int32 [m, 3]: (batch, head, token) where layer l+1 keeps its own state, keep_vec [m, D]
+    def __init__(self, group_size: int | None):
+        self.group_size = group_size
+        self.mask: torch.Tensor | None = None
+        self.rows: torch.Tensor | QuantizedKV | None = None  # None while m == 0
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else self.rows.shape[0]
+
+    def _take(self, idx: torch.Tensor):
+        """Rows ``idx`` of self.rows (each row is quantised on its own, so moving rows is exact)."""
+        if isinstance(self.rows, QuantizedKV):
+            q = self.rows
+            codes = q.codes[idx]
+            return QuantizedKV(codes, q.scale[idx], q.zero[idx], torch.Size((codes.shape[0], *q.shape[1:])), q.axis,
+                               q.group_size)
+        return self.rows[idx]
+
+    def add(self, keep: torch.Tensor, x: torch.Tensor) -> None:
+        """Append tokens: keep [B, H, n] says where x [B, H, n, D] is retained."""
+        keep = keep.permute(2, 0, 1)  # [n, B, H]
+        self.mask = keep.clone() if self.mask is None else torch.cat([self.mask, keep])
+        if not keep.any():
+            return
+        new = x.permute(2, 0, 1, 3)[keep]  # [m_new, D], in the mask's order
+        if self.group_size is not None:
+            new = kv_quant2(new.contiguous(), group_size=self.group_size, axis=-1)
+            if self.rows is not None:
+                old = self.rows
+                new = QuantizedKV(*(torch.cat([a, b]) for a, b in zip(old[:3], new[:3])),
+                                  torch.Size((old.shape[0] + new.shape[0], new.shape[1])), -1, self.group_size)
+            self.rows = new
+        else:
+            self.rows = new.clone() if self.rows is None else torch.cat([self.rows, new])
+
+    def put(self, out: torch.Tensor) -> None:
+        """Write the retained vectors into out [B, H, n, D] (in place)."""
+        if self.rows is not None:
+            rows = kv_dequant2(self.rows, dtype=out.dtype) if isinstance(self.rows, QuantizedKV) else self.rows
+            out.permute(2, 0, 1, 3)[self.mask.to(out.device)] = rows.to(out.device)
+
+    def nbytes(self) -> int:
+        rows = self.rows.nbytes() if isinstance(self.rows, QuantizedKV) else _nbytes(self.rows)
+        return _nbytes(self.mask) + rows
+
+    def batch_apply(self, fn) -> None:
+        if self.mask is None:
+            return
+        # Lay each row's number out where its mask entry is, move that like any [B, H, n] tensor, read it back.
+        where = torch.full(self.mask.shape, -1, dtype=torch.long, device=self.mask.device)
+        where[self.mask] = torch.arange(len(self), device=self.mask.device)
+        where = fn(where.permute(1, 2, 0)).permute(2, 0, 1)
+        self.mask = where >= 0
+        if self.rows is not None:
+            self.rows = self._take(where[self.mask])
+            if len(self) == 0:
+                self.rows = None
+
+    def reset(self) -> None:
+        self.mask = self.rows = None
+
+
+class _PairStream:
+    """The archive of one kind of state (keys or values) of layers (l, l+1), MiniCache style: merged, or split.
+
+    The first tokens layer l+1 archives decide, once, how the pair is stored: merged where that costs fewer
+    bytes than split (each layer's own store, as if unmerged), split otherwise, i.e. where so many token pairs
+    are retained that merging would cost more than it saves.
+
+    merged    the merged directions ``dirs`` (a _PlainStore, or a _QuantStore under KIVI), model dtype [B, H, n, D];
+              ``mags`` each layer's magnitudes [B, H, n, 1], model dtype; ``retained`` where layer l+1 keeps its own
+              vector (a _Retained: mask and vectors, 2-bit under KIVI)
+    split     ``own``: each layer's store, exactly as an unmerged layer keeps its archive
     pending   layer l's archived tokens that layer l+1's have not met yet [B, H, p, D] (empty between forwards)
     """
 
-    def __init__(self, dirs, *, t: float, threshold: float):
-        self.dirs, self.t, self.threshold = dirs, t, threshold
+    def __init__(self, new_store, retained: _Retained, *, t: float, threshold: float):
+        self.new_store, self.retained, self.t, self.threshold = new_store, retained, t, threshold
+        self.dirs = new_store()
+        self.split: bool | None = None  # None until layer l+1 archives its first tokens
+        self.own: tuple | None = None
         self.pending: torch.Tensor | None = None
         self.mags: list[torch.Tensor | None] = [None, None]
-        self.keep_idx: torch.Tensor | None = None
-        self.keep_vec: torch.Tensor | None = None
+        self.n = 0  # tokens archived by layer l+1
 
     def __len__(self) -> int:
-        return 0 if self.mags[0] is None else self.mags[0].shape[-2]
+        return self.n
+
+    def store(self, side: int):
+        """The store holding side's quantised (or full-precision) states: its own when split, else the directions."""
+        return self.own[side] if self.split else self.dirs
 
     def add(self, side: int, x: torch.Tensor) -> None:
         """Archive layer l's (side 0) or layer l+1's (side 1) tokens; side 1 merges them with side 0's."""
+        if self.split:
+            self.n += x.shape[-2] if side == 1 else 0
+            self.own[side].add(x)
+            return
         if side == 0:
             self.pending = _cat(self.pending, x)
             return
@@ -200,53 +291,54 @@ class _PairStream:
             raise ValueError(f"MiniCache: the second layer of a merged pair archives {tuple(x.shape)} but the first "
                              f"has {tuple(self.pending.shape) if p else None} pending; merged layers need states "
                              f"of one shape, updated in order")
-        xa = self.pending[..., :n, :].to(x.device)  # the layers of a pair may sit on two devices
-        direction, ma, mb, keep = merge_states(xa, x, t=self.t, threshold=self.threshold)
+        xa = self.pending[..., :n, :]
         self.pending = self.pending[..., n:, :].clone() if p > n else None
-        idx = keep.nonzero().to(torch.int32)  # [m, 3]
-        idx[:, 2] += len(self)
-        self.keep_idx = idx if self.keep_idx is None else torch.cat([self.keep_idx, idx])
-        self.keep_vec = _cat(self.keep_vec, x[keep]) if self.keep_vec is not None else x[keep].clone()
+        direction, ma, mb, keep = merge_states(xa.to(x.device), x, t=self.t, threshold=self.threshold)
+        self.n += n
+        self.retained.add(keep, x)
         self.dirs.add(direction.to(x.dtype))
         self.mags = [_cat(m, new) for m, new in zip(self.mags, (ma.unsqueeze(-1), mb.unsqueeze(-1)))]
+        if self.split is None:  # the first tokens: keep whichever form holds them in fewer bytes
+            own = (self.new_store(), self.new_store())
+            own[0].add(xa)
+            own[1].add(x)
+            self.split = own[0].nbytes() + own[1].nbytes() <= self.nbytes() - _nbytes(self.pending)
+            if self.split:
+                if self.pending is not None:
+                    own[0].add(self.pending)
+                self.own, self.pending, self.mags = own, None, [None, None]
+                self.dirs.reset()
+                self.retained.reset()
 
     def get(self, side: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Layer l's (side 0) or l+1's (side 1) archived states [B, H, n (+ pending on side 0), D]."""
+        if self.split:
+            return self.own[side].get(dtype)
         out = self.dirs.get(dtype)
         if out is not None:
-            out = self.mags[side] * out  # mags are [B, H, n, 1]
-            if side == 1 and self.keep_idx.shape[0]:
-                i = self.keep_idx
-                out[i[:, 0], i[:, 1], i[:, 2]] = self.keep_vec
+            out = self.mags[side] * out
+            if side == 1:
+                self.retained.put(out)
         if side == 0 and self.pending is not None:
             out = self.pending if out is None else torch.cat([out.to(self.pending.device), self.pending], dim=-2)
         return out
 
     def nbytes(self) -> int:
-        return self.dirs.nbytes() + sum(_nbytes(t) for t in (*self.mags, self.keep_idx, self.keep_vec, self.pending))
+        own = sum(store.nbytes() for store in self.own) if self.split else 0
+        return own + self.dirs.nbytes() + self.retained.nbytes() + sum(_nbytes(t) for t in (*self.mags, self.pending))
 
     def batch_apply(self, fn) -> None:
-        rows = self.mags[0] if self.mags[0] is not None else self.pending
-        if rows is None:
-            return
-        if self.keep_idx is not None:
-            # Retained tokens are listed, not laid out by row: move each new row's entries from its source row.
-            src = fn(torch.arange(rows.shape[0], device=self.keep_idx.device)).tolist()
-            idx, vec = [], []
-            for row, s in enumerate(src):
-                sel = self.keep_idx[:, 0] == s
-                moved = self.keep_idx[sel]
-                moved[:, 0] = row
-                idx.append(moved)
-                vec.append(self.keep_vec[sel])
-            self.keep_idx, self.keep_vec = torch.cat(idx), torch.cat(vec)
+        for store in self.own or ():
+            store.batch_apply(fn)
+        self.retained.batch_apply(fn)
         self.dirs.batch_apply(fn)
         self.mags = [None if m is None else fn(m) for m in self.mags]
         self.pending = None if self.pending is None else fn(self.pending)
 
     def reset(self) -> None:
         self.dirs.reset()
-        self.pending, self.mags, self.keep_idx, self.keep_vec = None, [None, None], None, None
+        self.retained.reset()
+        self.pending, self.mags, self.split, self.own, self.n = None, [None, None], None, None, 0
 
 
 class _PairSide:
@@ -304,6 +396,10 @@ class _WindowLayer(CacheLayerMixin):
 
     def direction_store(self, kind: int):
         """A store for a merged pair's directions of keys (kind 0) or values (kind 1)."""
+        raise NotImplementedError
+
+    def retained_store(self) -> _Retained:
+        """A store for the vectors a merged pair's second layer keeps as its own (either kind)."""
         raise NotImplementedError
 
     def _archived(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,16 +524,21 @@ class KIVILayer(_WindowLayer):
     def direction_store(self, kind: int) -> _QuantStore:
         return _QuantStore(-2 if kind == 0 else -1, self.group_size)
 
+    def retained_store(self) -> _Retained:
+        return _Retained(self.group_size)
+
     @property
     def quantized_keys(self) -> list[QuantizedKV]:
         """The quantised key blocks, oldest first (per channel, axis=-2); for a merged layer, the pair's directions."""
-        store = self._arc[0].stream.dirs if isinstance(self._arc[0], _PairSide) else self._arc[0]
+        arc = self._arc[0]
+        store = arc.stream.store(arc.side) if isinstance(arc, _PairSide) else arc
         return list(store.blocks) if isinstance(store, _QuantStore) else []
 
     @property
     def quantized_values(self) -> QuantizedKV | None:
         """The quantised values (per token, axis=-1) older than the window; for a merged layer, the pair's."""
-        store = self._arc[1].stream.dirs if isinstance(self._arc[1], _PairSide) else self._arc[1]
+        arc = self._arc[1]
+        store = arc.stream.store(arc.side) if isinstance(arc, _PairSide) else arc
         return store.blocks[0] if isinstance(store, _QuantStore) and store.blocks else None
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,6 +568,9 @@ class MiniCacheLayer(_WindowLayer):
 
     def direction_store(self, kind: int) -> _PlainStore:
         return _PlainStore()
+
+    def retained_store(self) -> _Retained:
+        return _Retained(None)
 
 
 # ---------------------------------------------------------------- configuration
@@ -546,8 +650,8 @@ class _MergingCache(Cache):
 
     def _join(self, a: _WindowLayer, b: _WindowLayer) -> None:
         """Make a and b a merged pair; what they archived while undecided goes in, a's first."""
-        streams = [_PairStream(a.direction_store(kind), t=self.merge_t, threshold=self.merge_threshold)
-                   for kind in (0, 1)]
+        streams = [_PairStream(lambda kind=kind: a.direction_store(kind), a.retained_store(), t=self.merge_t,
+                               threshold=self.merge_threshold) for kind in (0, 1)]
         for side, layer in enumerate((a, b)):
             old, layer._arc, layer.role = layer._arc, tuple(_PairSide(s, side) for s in streams), "ab"[side]
             for store, o in zip(layer._arc, old):
@@ -600,7 +704,9 @@ class KIVICache(_MergingCache):
     ``merge_layers=True`` adds MiniCache: layers (l, l+1), l = merge_start, merge_start + 2, ... share one
     quantised direction per archived token (see the module docstring); ``merge_start=None`` is mid-depth
     (num_layers // 2); ``merge_t`` the SLERP weight of layer l+1; tokens whose directions are further apart than
-    ``merge_threshold`` (angle / pi) stay unmerged. ``config`` (the model's) gives the number of layers at once.
+    ``merge_threshold`` (angle / pi) stay unmerged (2-bit, per token), and a pair whose first archived tokens
+    would cost more merged than unmerged is stored as two plain KIVI layers. ``config`` (the model's) gives the
+    number of layers at once.
     """
 
     def __init__(self, group_size: int = 32, residual_length: int = 128, *, merge_layers: bool = False,
@@ -625,8 +731,9 @@ class KIVICache(_MergingCache):
 class MiniCache(_MergingCache):
     """MiniCache in full precision: layers (l, l+1), l = merge_start, merge_start + 2, ... < num_layers - 1
     share one direction per token older than the newest ``residual_length`` (each keeps its magnitudes);
-    tokens whose directions are further apart than ``merge_threshold`` (angle / pi) stay unmerged. The other
-    layers, and every layer's newest ``residual_length`` tokens, are kept as ``DynamicCache`` keeps them.
+    tokens whose directions are further apart than ``merge_threshold`` (angle / pi) stay unmerged, and a pair
+    whose first archived tokens would cost more merged than unmerged is not merged. The other layers, and
+    every layer's newest ``residual_length`` tokens, are kept as ``DynamicCache`` keeps them.
     ``merge_start=None`` is mid-depth (num_layers // 2); ``config`` (the model's) gives the number of layers
     at once. ``nbytes()`` is what it holds."""
 
