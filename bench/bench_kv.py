@@ -18,9 +18,9 @@ Protocol, per model (the reference is always transformers' DynamicCache, method 
 - quality and latency at each --eval-lengths N: every method gets a real prefill of the first N tokens, then the
   next --steps tokens are fed one at a time to all caches in lock step (the order of the methods rotates every
   step so load drift on a shared machine hits them alike). Each step's next-token distribution is compared with
-  the full cache's: top-1 agreement (argmax equal) and KL(full || method) from float32 log-softmax, both averaged
-  over the steps. Latency is the wall time of each one-token forward; the ratio divides the method's median (and
-  mean: re-quantisation spikes show there) by the full cache's, measured in the same steps.
+  the full cache's: top-1 agreement (argmax equal) and KL(full || method) in nats from float32 log-softmax, both
+  averaged over the steps. Latency is the wall time of each one-token forward; the ratio divides the method's
+  median (and mean: re-quantisation spikes show there) by the full cache's, measured in the same steps.
 
 Text: by default the project's own sources (python/dlmom/*.py, then csrc/**) as they were at --text-commit,
 read with ``git show`` so edits in the work tree never change the benchmark; --text FILE takes any UTF-8 file.
@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import math
+import os
 import pathlib
 import statistics
 import subprocess
@@ -50,7 +52,8 @@ TEXT_COMMIT = "e1b1553"  # the sources the published numbers were measured on
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELS = {
     "smollm2": ("SmolLM2-135M-Instruct", lambda: dlmom.experts.default_gguf_path()),
-    "qwen": ("Qwen2.5-Coder-0.5B-Instruct", lambda: pathlib.Path("/root/.cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
+    "qwen": ("Qwen2.5-Coder-0.5B-Instruct",
+             lambda: pathlib.Path("/root/.cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
 }
 # name: (bits, what it is, factory(model config, args) -> Cache). QuantizedCache is asked for the grouping
 # KIVI uses for values (groups of --group channels of one token) on both keys and values, with KIVI's
@@ -168,6 +171,7 @@ def evaluate(model, ids: torch.Tensor, n: int, steps: int, methods: list[str], a
         caches[m] = new_cache(m, model, args)
         model(ids[:, :n], cache=caches[m], logits_to_keep=1)
     prefill_bytes = {m: held_bytes(c) for m, c in caches.items()}
+    prefill_fp16 = fp16_bytes(caches["full"])
     order = list(caches)
     logits = {m: [] for m in order}
     times = {m: [] for m in order}
@@ -191,6 +195,7 @@ def evaluate(model, ids: torch.Tensor, n: int, steps: int, methods: list[str], a
                       kl=(ref.exp() * (ref - lq)).sum(-1).clamp_min(0).mean().item(),
                       step_ms=1e3 * statistics.median(times[m]), latency_ratio=statistics.median(times[m]) / t_med,
                       latency_ratio_mean=statistics.fmean(times[m]) / t_mean, prefill_bytes=prefill_bytes[m],
+                      prefill_bytes_frac=prefill_bytes[m] / prefill_fp16,
                       decode_bytes_frac=statistics.fmean(held[m]))
     return res
 
@@ -210,11 +215,11 @@ def targets(method: str, row: dict, rows: list[dict], eval_lengths: list[int]) -
             bits = METHODS[method][0]
             qc = [r for r in rows if r["method"] in ("quanto2", "quanto4", "hqq2", "hqq4") and r["bits"] == bits]
             best = max((r[f"top1_{n}"] for r in qc), default=None)
-            checks.append((f"top-1 > QuantizedCache {bits}-bit @{n}", best is not None and a > best,
-                           f"{a:.3f} vs {best:.3f}" if best is not None else "no QuantizedCache row"))
+            checks.append((f"top-1 > QuantizedCache {bits}-bit @{n}", None if best is None else a > best,
+                           f"{a:.3f} vs {best:.3f}" if best is not None else "no QuantizedCache row of those bits"))
         for name, ok, val in checks:
             shown = f"{val:.3f}" if isinstance(val, float) else val
-            out.append(f"{method}: {name}: {'met' if ok else 'MISSED'} ({shown})")
+            out.append(f"{method}: {name}: {'not measured' if ok is None else 'met' if ok else 'MISSED'} ({shown})")
     return out
 
 
@@ -253,15 +258,18 @@ def run_model(key: str, args, ids_text: str) -> tuple[list[dict], list[str], dic
         t0 = time.perf_counter()
         res = evaluate(model, ids, n, args.steps, methods, args)
         for m, r in res.items():
-            rows[m].update({f"decode_bytes_frac_{n}": r["decode_bytes_frac"], f"top1_{n}": r["top1"], f"kl_{n}": r["kl"], f"step_ms_{n}": r["step_ms"],
+            rows[m].update({f"decode_bytes_frac_{n}": r["decode_bytes_frac"], f"top1_{n}": r["top1"],
+                            f"kl_nats_{n}": r["kl"], f"step_ms_{n}": r["step_ms"],
                             f"latency_ratio_{n}": r["latency_ratio"],
                             f"latency_ratio_mean_{n}": r["latency_ratio_mean"]})
             if (m, n) in replayed:  # a real prefill must hold what the replay held
                 checks[f"{m}@{n}"] = r["prefill_bytes"] == replayed[m, n]
+            else:
+                rows[m][f"bytes_frac_{n}"] = r["prefill_bytes_frac"]
         print(f"{name}: {args.steps} steps at {n} in {time.perf_counter() - t0:.0f} s", flush=True)
     if not all(checks.values()):
         print(f"WARNING {name}: a real prefill held other bytes than the replay for "
-              f"{[k for k, ok in checks.items() if not ok]}: the bytes_frac_* of those rows are not what a prefill holds")
+              f"{[k for k, ok in checks.items() if not ok]}: their bytes_frac_* are not what a prefill holds")
     out = list(rows.values())
     lines = [line for r in out for line in targets(r["method"], r, out, args.eval_lengths)]
     info = {"file": str(path), "tokens_in_text": ids.shape[1], "layers": model.config.num_hidden_layers,
@@ -319,7 +327,14 @@ def main() -> None:
             print("\n".join(lines))
         all_rows += rows
         all_lines += lines
-    settings = {"threads": args.threads, "dtype": args.dtype, "transformers": transformers.__version__,
+    versions = {}
+    for pkg in ("optimum-quanto", "hqq"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    settings = {"threads": args.threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "dtype": args.dtype,
+                "transformers": transformers.__version__, **versions,
                 "group_size": args.group, "residual_length": args.residual, "steps": args.steps,
                 "lengths": sorted(args.lengths), "eval_lengths": sorted(args.eval_lengths),
                 "text": text_desc, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
