@@ -33,13 +33,15 @@ class DLMoMConfig:
 
     controller: "swir" (entropy-trend switching), "explicit" (always tokens) or "latent" (packets until
         max_latent_steps, then tokens). top_k: packet size. temperature, top_p: packet shaping (and
-        sampling when do_sample); the defaults 0.6 / 0.95 are Soft Thinking's. noise: None, "gumbel" (strength = tau) or "dirichlet" (strength =
-        alpha) on latent packets. theta, elect: TIES consensus. top_m: experts the router keeps (None:
-        all). preview_tokens: the router's preview length. block_size, slope_threshold,
+        sampling when do_sample); the defaults 0.6 / 0.95 are Soft Thinking's. noise: None, "gumbel"
+        (strength = tau) or "dirichlet" (strength = alpha) on latent packets. theta, elect: TIES
+        consensus. top_m: experts the router keeps per prompt (None: all; the others leave the batch).
+        preview_tokens: the router's preview length. block_size, slope_threshold,
         variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps: the
         controller (see dlmom.controller). chat: apply each tokenizer's chat template. kv: each expert's
-        KV cache, "full" (transformers' DynamicCache) or "kivi" (dlmom.KIVICache: 2-bit keys per channel,
-        values per token, the last kv_residual_length tokens in full precision, groups of kv_group_size).
+        KV cache, "full" (transformers' DynamicCache), "kivi" (dlmom.KIVICache: 2-bit keys per channel,
+        values per token, the last kv_residual_length tokens in full precision, groups of kv_group_size),
+        "minicache" (dlmom.MiniCache: adjacent deep layers merged) or "kivi+minicache" (both).
         share_prefill: roles of one model prefill the prompt prefix they have in common once.
     """
 
