@@ -62,7 +62,7 @@ class SoftThinkingEngine:
         self.decode_tokens = [0] * len(experts)
         # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); set by each prefill.
         self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
-        self.cache, self._peak_cache = None, 0
+        self.cache, self._peak_cache, self._grid = None, 0, None
         self.batch = 0
         self.active = torch.zeros(0, dtype=torch.long)
 
@@ -113,12 +113,14 @@ class SoftThinkingEngine:
             counts[r] += n
 
     def _scatter(self, logits: torch.Tensor) -> torch.Tensor:
-        """[R, B, V] from the last-position logits [N_active, 1, V] of the active rows (zeros elsewhere)."""
+        """[R, B, V] from the last-position logits [N_active, 1, V] of the active rows (zeros elsewhere).
+        Once rows have left, one [R * B, V] buffer is refilled every step (valid until the next feed)."""
         if self.active.numel() == self.roles * self.batch:
             return logits[:, -1].view(self.roles, self.batch, -1)
-        out = logits.new_zeros(self.roles * self.batch, logits.shape[-1])
-        out[self.active.to(logits.device)] = logits[:, -1]
-        return out.view(self.roles, self.batch, -1)
+        if self._grid is None:
+            self._grid = logits.new_zeros(self.roles * self.batch, logits.shape[-1])
+        self._grid[self.active.to(logits.device)] = logits[:, -1]
+        return self._grid.view(self.roles, self.batch, -1)
 
     def prefill(self, prompts: list[str], *, chat: bool, kv: str = "full", kv_group_size: int = 32,
                 kv_residual_length: int = 128, share_prefix: bool = True) -> torch.Tensor:
@@ -139,7 +141,7 @@ class SoftThinkingEngine:
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
         self.fed = [list(r) for r in rows]  # token ids each row's cache holds (token feeds only, not packets)
         self.active = torch.arange(len(rows))
-        self.cache, self._peak_cache = self._new_cache(), 0
+        self.cache, self._peak_cache, self._grid = self._new_cache(), 0, None
         # Shared prefix per prompt; at least one token of every row stays in the suffix (it gives the logits).
         shared = [0] * B
         if share_prefix and self.roles > 1:
@@ -174,6 +176,8 @@ class SoftThinkingEngine:
         if bool(stay.all()):
             return
         self.peak_cache_bytes()
+        if self._grid is not None:
+            self._grid[self.active[~stay].to(self._grid.device)] = 0
         self.active = self.active[stay]
         if not self.live:
             self.cache = self.mask = self.next_pos = None  # nothing left to run: free the cache
