@@ -132,7 +132,7 @@ def test_quantised_parts_are_within_half_a_step(prefill, n, group_size, residual
         assert q.axis == -1 and q.shape[-2] == nv
         assert (_half_step_error(q, values[..., :nv, :]) <= 1e-6).all()
     # What attention sees next: the dequantised history, then the full-precision tails.
-    dk, dv = layer._dequantized()
+    dk, dv = layer._archived()
     step_k, step_v = layer.update(keys[..., :1, :], values[..., :1, :])
     assert torch.equal(step_k[..., :nk, :], dk) and torch.equal(step_v[..., :nv, :], dv)
     assert torch.equal(step_k[..., nk:n, :], keys[..., nk:, :])

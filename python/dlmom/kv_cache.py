@@ -194,15 +194,6 @@ class _Retained:
     def __len__(self) -> int:
         return 0 if self.rows is None else self.rows.shape[0]
 
-    def _take(self, idx: torch.Tensor):
-        """Rows ``idx`` of self.rows (each row is quantised on its own, so moving rows is exact)."""
-        if isinstance(self.rows, QuantizedKV):
-            q = self.rows
-            codes = q.codes[idx]
-            return QuantizedKV(codes, q.scale[idx], q.zero[idx], torch.Size((codes.shape[0], *q.shape[1:])), q.axis,
-                               q.group_size)
-        return self.rows[idx]
-
     def add(self, keep: torch.Tensor, x: torch.Tensor) -> None:
         """Append tokens: keep [B, H, n] says where x [B, H, n, D] is retained."""
         keep = keep.permute(2, 0, 1)  # [n, B, H]
@@ -211,12 +202,8 @@ class _Retained:
             return
         new = x.permute(2, 0, 1, 3)[keep]  # [m_new, D], in the mask's order
         if self.group_size is not None:
-            new = kv_quant2(new.contiguous(), group_size=self.group_size, axis=-1)
-            if self.rows is not None:
-                old = self.rows
-                new = QuantizedKV(*(torch.cat([a, b]) for a, b in zip(old[:3], new[:3])),
-                                  torch.Size((old.shape[0] + new.shape[0], new.shape[1])), -1, self.group_size)
-            self.rows = new
+            # [m, D] rows: dim -2 is the row dim, so the token-dim join of QuantizedKVs appends rows.
+            self.rows = _cat_quantized(self.rows, kv_quant2(new.contiguous(), group_size=self.group_size, axis=-1))
         else:
             self.rows = new.clone() if self.rows is None else torch.cat([self.rows, new])
 
@@ -239,7 +226,9 @@ class _Retained:
         where = fn(where.permute(1, 2, 0)).permute(2, 0, 1)
         self.mask = where >= 0
         if self.rows is not None:
-            self.rows = self._take(where[self.mask])
+            idx = where[self.mask]  # each row is quantised on its own, so moving rows is exact
+            self.rows = _select_quantized(self.rows, lambda t: t[idx]) if isinstance(self.rows, QuantizedKV) \
+                else self.rows[idx]
             if len(self) == 0:
                 self.rows = None
 
@@ -540,10 +529,6 @@ class KIVILayer(_WindowLayer):
         arc = self._arc[1]
         store = arc.stream.store(arc.side) if isinstance(arc, _PairSide) else arc
         return store.blocks[0] if isinstance(store, _QuantStore) and store.blocks else None
-
-    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The archived history in the model's dtype (dequantised; multiplied out for a merged layer)."""
-        return self._archived()
 
 
 class MiniCacheLayer(_WindowLayer):
