@@ -349,16 +349,14 @@ class DLMoM:
                     texts[b] = texts[b][:min(hit)]
                     finished[b] = True
 
-            keep = ~finished  # [B]; rows of finished prompts and of routed-out roles leave the batch
+            keep = (~finished).expand(E, B)  # rows of finished prompts and of routed-out roles leave the batch
             if in_preview and step == preview - 1:
                 weights, kept = self._route(prompts, shown, route, preview_bits)
                 keep = kept.cpu() & keep
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            i = 0
-            for engine in self.engines:
-                engine.keep_rows(keep[i:i + engine.roles] if keep.dim() == 2 else keep.expand(engine.roles, B))
-                i += engine.roles
+            for engine, rows in zip(self.engines, keep.split([engine.roles for engine in self.engines])):
+                engine.keep_rows(rows)
             bus_total += sum(n for b, n in enumerate(step_bytes) if not finished[b])
             logits, bridged_bytes = self._feed(logits, bridges, feed_ids, feed_probs,
                                                [None if finished[b] else s[-1] if s else None
