@@ -63,19 +63,19 @@ MODELS = {
 # name: (bits, what it is, factory(model config, args) -> Cache). QuantizedCache is asked for the grouping
 # KIVI uses for values (groups of --group channels of one token) on both keys and values, with KIVI's
 # group and residual sizes: quanto axis 0 and hqq axis 1 both mean "consecutive elements of the head dim".
+QC_BACKENDS = {"quanto": (0, "optimum-quanto backend"), "hqq": (1, "hqq backend (HQQ-optimised zero / scale)")}
+
+
+def _quantized_cache(backend: str, nbits: int):
+    """(bits, what it is, factory) of a transformers QuantizedCache row."""
+    axis, what = QC_BACKENDS[backend]
+    return (nbits, f"transformers QuantizedCache, {what}, {nbits} bits, per-token groups",
+            lambda cfg, a: QuantizedCache(backend, cfg, nbits=nbits, axis_key=axis, axis_value=axis,
+                                          q_group_size=a.group, residual_length=a.residual))
+
+
 METHODS = {
-    "quanto2": (2, "transformers QuantizedCache, optimum-quanto backend, 2 bits, per-token groups",
-                lambda cfg, a: QuantizedCache("quanto", cfg, nbits=2, axis_key=0, axis_value=0,
-                                              q_group_size=a.group, residual_length=a.residual)),
-    "quanto4": (4, "transformers QuantizedCache, optimum-quanto backend, 4 bits, per-token groups",
-                lambda cfg, a: QuantizedCache("quanto", cfg, nbits=4, axis_key=0, axis_value=0,
-                                              q_group_size=a.group, residual_length=a.residual)),
-    "hqq2": (2, "transformers QuantizedCache, hqq backend (HQQ-optimised zero / scale), 2 bits, per-token groups",
-             lambda cfg, a: QuantizedCache("hqq", cfg, nbits=2, axis_key=1, axis_value=1,
-                                           q_group_size=a.group, residual_length=a.residual)),
-    "hqq4": (4, "transformers QuantizedCache, hqq backend (HQQ-optimised zero / scale), 4 bits, per-token groups",
-             lambda cfg, a: QuantizedCache("hqq", cfg, nbits=4, axis_key=1, axis_value=1,
-                                           q_group_size=a.group, residual_length=a.residual)),
+    **{f"{backend}{nbits}": _quantized_cache(backend, nbits) for backend in QC_BACKENDS for nbits in (2, 4)},
     "kivi2": (2, "dlmom.KIVICache: keys per channel, values per token, 2 bits",
               lambda cfg, a: dlmom.KIVICache(group_size=a.group, residual_length=a.residual)),
     # config= lets the cache know the layer count (and so merge) from the first forward.
