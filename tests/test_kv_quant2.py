@@ -411,3 +411,21 @@ def test_fp32_scale_for_16bit_input_uses_the_fp32_rule():
         q = QuantizedKV(codes, scale, zero, x.shape, -2, 8)
         deq = dlmom.kv_dequant2(q)  # fp32, within half a step
         assert bool(((deq - x.float()).abs() <= per_element(scale, q) / 2 * (1 + 1e-3) + 1e-6).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("field", ["codes", "scale", "zero"])
+def test_noncontiguous_fields_outlive_the_kernel(device, field):
+    # Regression (use-after-free): a non-contiguous codes / scale / zero is copied for the kernel; the copy
+    # used to be freed before the kernel read it.
+    q = dlmom.kv_quant2(make((3, 40, 24), torch.float32, device, seed=9), group_size=8, axis=-2)
+    want = reference.kv_dequant2(q)
+    t = getattr(q, field)
+    strided = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=device)[..., ::2]
+    strided.copy_(t)
+    q2 = q._replace(**{field: strided})
+    for _ in range(3):
+        junk = [torch.full_like(t, 77) for _ in range(4)]
+        got = dlmom.kv_dequant2(q2)
+        del junk
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

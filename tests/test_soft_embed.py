@@ -143,3 +143,18 @@ def test_binding_checks_again():
         mod.soft_embed(ops._view(IDS), ops._view(P), ops._view(W), 1.0, ops._view(out.half()))
     with pytest.raises(ValueError, match=r"soft_embed: probs must be \[1, 2\]"):
         mod.soft_embed(ops._view(IDS), ops._view(torch.ones(2, 2)), ops._view(W), 1.0, ops._view(out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_weight_copy_outlives_the_kernel(device):
+    # Regression (use-after-free): a weight whose rows are strided is copied for the kernel; the copy used to
+    # be freed before the kernel read it (a wrong result at this size, a segfault at a real model's).
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(64, 7, generator=g).t().to(device)  # [7, 64], column-major
+    ids = torch.randint(0, 7, (4, 5), generator=g).to(device)
+    probs = torch.rand(4, 5, generator=g).to(device)
+    for _ in range(3):  # allocations in between reuse freed memory
+        junk = [torch.full((64, 7), 1e6) for _ in range(4)]
+        got = dlmom.soft_embed(ids, probs, weight)
+        del junk
+        torch.testing.assert_close(got, reference_fp32(ids, probs, weight, 1.0), atol=1e-5, rtol=1e-5)

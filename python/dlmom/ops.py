@@ -80,11 +80,16 @@ def _view(t: torch.Tensor):
 
 
 def _run(mod, t: torch.Tensor, fn: str, *args):
-    """Call a kernel; CUDA kernels get the current stream of t's device."""
+    """Call a kernel; CUDA kernels get the current stream of t's device.
+
+    Tensor arguments are passed here as tensors and turned into raw views only inside this call: ``args``
+    holds a reference to each until the kernel returns, so a temporary copy made by the caller (e.g.
+    ``x.contiguous()`` in the argument list) cannot be freed while native code reads it."""
+    views = [_view(a) if isinstance(a, torch.Tensor) else a for a in args]  # (``args`` keeps the tensors)
     if t.is_cuda:
         with torch.cuda.device(t.device):
-            return getattr(mod, fn)(*args, stream=torch.cuda.current_stream(t.device).cuda_stream)
-    return getattr(mod, fn)(*args)
+            return getattr(mod, fn)(*views, stream=torch.cuda.current_stream(t.device).cuda_stream)
+    return getattr(mod, fn)(*views)
 
 
 # ---- validation helpers ----
@@ -175,8 +180,7 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     ids2, probs2 = _rows_unit_stride(ids), _rows_unit_stride(probs)
     direct = out is not None and out.is_contiguous()
     out2 = out.view(-1, D) if direct else weight.new_empty((ids2.shape[0], D))
-    _run(mod, weight, "soft_embed", _view(ids2), _view(probs2), _view(_rows_unit_stride(weight)), float(scale),
-         _view(out2))
+    _run(mod, weight, "soft_embed", ids2, probs2, _rows_unit_stride(weight), float(scale), out2)
     if out is None:
         return out2 if len(lead) == 1 else out2.view(*lead, D)
     return out if direct else out.copy_(out2.view(*lead, D))
@@ -207,8 +211,7 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
         ids = torch.empty(B, k, dtype=torch.int64, device=x.device)
         probs = torch.empty(B, k, dtype=torch.float32, device=x.device)
         entropy = torch.empty(B, dtype=torch.float32, device=x.device)
-        _run(mod, x, "topk_packet", _view(x), int(k), float(temperature), float(top_p), _view(ids), _view(probs),
-             _view(entropy))
+        _run(mod, x, "topk_packet", x, int(k), float(temperature), float(top_p), ids, probs, entropy)
     # The single pass flags rows with NaN, +inf or no finite logit by a NaN entropy.
     bad = torch.isnan(entropy)
     if bool(bad.any()):
@@ -254,8 +257,7 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     means = torch.empty(E, B, dtype=torch.float32, device=x.device)
     out = torch.empty(B, V, dtype=torch.float32, device=x.device)
     w = None if weights is None else weights.float().contiguous()
-    _run(mod, x, "ties_merge", _view(x), None if w is None else _view(w), float(theta), 0 if elect == "vote" else 1,
-         _view(means), _view(out))
+    _run(mod, x, "ties_merge", x, w, float(theta), 0 if elect == "vote" else 1, means, out)
     # The kernel's row means are NaN or +inf exactly when a row holds NaN or +inf.
     if not bool(torch.isfinite(means).all()):
         raise ValueError(f"{op}: logits must be finite or -inf, got NaN or +inf")
@@ -298,7 +300,7 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     codes = torch.empty(R, nb, C, dtype=torch.uint8, device=x.device)
     scale = torch.empty(R, ng, C, dtype=x.dtype, device=x.device)
     zero = torch.empty(R, ng, C, dtype=x.dtype, device=x.device)
-    _run(mod, x, "kv_quant2", _view(x3), int(group_size), _view(codes), _view(scale), _view(zero))
+    _run(mod, x, "kv_quant2", x3, int(group_size), codes, scale, zero)
     lead = x.shape[:-1] if axis == -1 else x.shape[:-2]
     tail, gtail = ((nb,), (ng,)) if axis == -1 else ((nb, x.shape[-1]), (ng, x.shape[-1]))
     return QuantizedKV(codes.view(*lead, *tail), scale.view(*lead, *gtail), zero.view(*lead, *gtail),
@@ -333,7 +335,6 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
     if mod is None:
         return reference.kv_dequant2(q, dtype=dtype)
     out = torch.empty(R, L, C, dtype=dtype or q.scale.dtype, device=q.codes.device)
-    _run(mod, q.codes, "kv_dequant2", _view(q.codes.reshape(R, nb, C).contiguous()),
-         _view(q.scale.reshape(R, ng, C).contiguous()), _view(q.zero.reshape(R, ng, C).contiguous()), int(G),
-         _view(out))
+    _run(mod, q.codes, "kv_dequant2", q.codes.reshape(R, nb, C).contiguous(), q.scale.reshape(R, ng, C).contiguous(),
+         q.zero.reshape(R, ng, C).contiguous(), int(G), out)
     return out.view(q.shape)
