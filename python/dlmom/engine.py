@@ -143,12 +143,18 @@ def check_generate_args(prompts, max_new_tokens, seed, stop) -> tuple[list[str],
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    if not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {p!r} at index {i}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as err:  # lone surrogates, e.g. undecodable bytes from a command line
+            raise ValueError(f"prompts[{i}] is not valid UTF-8 text (character {err.start}: "
+                             f"{p[err.start:err.end]!r})") from None
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
