@@ -60,12 +60,13 @@ template <typename... Args>
     if (!(cond)) ::dlmom::fail(op, __VA_ARGS__); \
   } while (0)
 
-// Rank, dtype and a unit stride on the last dim (the kernels vectorise along it).
+// Rank, dtype and a unit stride on the last dim (the kernels vectorise along it). An empty view is
+// never read or written, so any strides are fine for it.
 inline void check_view(const View& v, const char* op, const char* name, int ndim, bool unit_last = true) {
   DLMOM_CHECK(v.data != nullptr || v.numel() == 0, op, name, " is a null pointer");
   DLMOM_CHECK(v.ndim == ndim, op, name, " must have ", ndim, " dims, got ", v.ndim);
   for (int i = 0; i < v.ndim; ++i) DLMOM_CHECK(v.size[i] >= 0, op, name, " has a negative size");
-  if (unit_last && ndim > 0 && v.size[ndim - 1] > 1)
+  if (unit_last && ndim > 0 && v.size[ndim - 1] > 1 && v.numel() > 0)
     DLMOM_CHECK(v.stride[ndim - 1] == 1, op, name, " must have unit stride on its last dim, got ",
                 v.stride[ndim - 1]);
 }

@@ -234,6 +234,25 @@ def test_empty(device, shape, axis):
     assert dlmom.kv_dequant2(q).shape == x.shape
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("x,axis", [(torch.empty(3, 0, 16)[..., ::2], -2), (torch.empty(0, 16)[:, ::2], -1),
+                                    (torch.empty(2, 5, 0, 9)[..., ::3], -2), (torch.empty(4, 0).t(), -1)])
+def test_empty_any_strides(device, backend, x, axis, monkeypatch):
+    # An empty tensor is valid whatever its strides; so are empty codes / scale / zero of any strides.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = x.to(device)
+    q = dlmom.kv_quant2(x, group_size=4, axis=axis)
+    assert_same_quant(q, reference.kv_quant2(x.contiguous(), group_size=4, axis=axis))
+    assert dlmom.kv_dequant2(q).shape == x.shape
+
+    def strided(t):  # the same (empty) shape with a stride of 2 on the last dim
+        return torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=device)[..., ::2]
+
+    q2 = q._replace(codes=strided(q.codes), scale=strided(q.scale), zero=strided(q.zero))
+    assert dlmom.kv_dequant2(q2).shape == x.shape
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis,G", [((1, 3, 77, 64), -2, 32), ((2, 5, 33, 96), -1, 7),
                                           ((130,), -1, 128)])

@@ -84,6 +84,30 @@ def test_leading_dims_and_out(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", ["transposed", "strided", "leading", "out strided", "D=0 with out"])
+def test_empty_inputs_any_strides(device, backend, case, monkeypatch):
+    # No rows (or no columns) is valid whatever the strides of ids, probs, weight and out.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    ids, probs, weight, out = torch.empty(0, 3, dtype=torch.int32), torch.empty(0, 3), torch.randn(10, 8), None
+    if case == "transposed":
+        ids, probs = torch.empty(3, 0, dtype=torch.int32).t(), torch.empty(3, 0).t()
+    elif case == "strided":
+        ids, probs = torch.empty(0, 6, dtype=torch.int32)[:, ::2], torch.empty(0, 6)[:, ::2]
+    elif case == "leading":
+        ids, probs = torch.empty(2, 0, 9, dtype=torch.int32)[..., ::3], torch.empty(2, 0, 9)[..., ::3]
+    elif case == "out strided":
+        out = torch.empty(0, 16)[:, ::2]
+    else:  # one row, but D = 0
+        ids, probs, weight, out = torch.tensor([[1, 2, 3]]), torch.ones(1, 3), torch.empty(10, 0), torch.empty(1, 0)
+    move = (lambda t: None if t is None else t.to(device))
+    got = dlmom.soft_embed(move(ids), move(probs), move(weight), out=move(out))
+    assert got.shape == (*ids.shape[:-1], weight.shape[1]) and got.dtype == weight.dtype
+    if out is not None:
+        assert got.data_ptr() == out.data_ptr() or got.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_probabilities_need_not_sum_to_one(device):
     ids = torch.tensor([[1, 1, 2]], device=device)
     weight = torch.arange(12.0, device=device).view(4, 3)

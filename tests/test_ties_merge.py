@@ -138,6 +138,17 @@ def test_empty_batch(device):
     assert out.shape == (0, 11) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("logits", [torch.zeros(2, 0, 22)[..., ::2], torch.zeros(11, 0, 2).transpose(0, 2),
+                                    torch.zeros(3, 2, 0, 11), torch.zeros(2, 4, 0, 33)[..., ::3]])
+def test_empty_batch_any_strides(device, backend, logits, monkeypatch):
+    # B = 0 is valid whatever the strides and leading dims: an empty [..., V] result.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    out = dlmom.ties_merge(logits.to(device), theta=0.5, weights=torch.ones(logits.shape[0], device=device))
+    assert out.shape == logits.shape[1:] and out.dtype == torch.float32
+
+
 # ---- semantics, checked against hand-computed values ----
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -232,6 +232,20 @@ def test_empty_batch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("logits", [torch.empty(0, 10)[:, ::2], torch.empty(10, 0).t(), torch.empty(2, 0, 12)[..., ::3],
+                                    torch.empty(1, 5).expand(0, 5)])
+def test_empty_batch_any_strides(device, backend, logits, monkeypatch):
+    # An empty batch is valid whatever its strides (here a strided, a transposed and an expanded last dim).
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    V = logits.shape[-1]
+    got = dlmom.topk_packet(logits.to(device), 2)
+    lead = logits.shape[:-1]
+    assert got.ids.shape == (*lead, 2) and got.probs.shape == (*lead, 2) and got.entropy.shape == lead
+    assert got.ids.dtype == torch.int64 and got.probs.dtype == torch.float32 and V >= 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_reference_backend_gives_the_same(device, monkeypatch):
     x = make(3, 777, torch.bfloat16, device, seed=8)
     kernel = dlmom.topk_packet(x, 20, temperature=0.6, top_p=0.9)

@@ -179,7 +179,7 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
         ids, probs = ids.reshape(-1, k), probs.reshape(-1, k)
     ids2, probs2 = _rows_unit_stride(ids), _rows_unit_stride(probs)
     direct = out is not None and out.is_contiguous()
-    out2 = out.view(-1, D) if direct else weight.new_empty((ids2.shape[0], D))
+    out2 = out.view(ids2.shape[0], D) if direct else weight.new_empty((ids2.shape[0], D))  # (-1 fails for D = 0)
     _run(mod, weight, "soft_embed", ids2, probs2, _rows_unit_stride(weight), float(scale), out2)
     if out is None:
         return out2 if len(lead) == 1 else out2.view(*lead, D)
@@ -247,7 +247,7 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError(f"{op}: weights must be finite and >= 0, got {weights.tolist()}")
     lead = logits.shape[1:-1]
-    x = _rows_unit_stride(logits.reshape(E, -1, V))
+    x = _rows_unit_stride(logits.reshape(E, math.prod(lead), V))  # (-1 fails when B = 0)
     mod = _kernels_for(op, logits)
     if mod is None:
         if bool(torch.isnan(x).any()) or bool((x == math.inf).any()):
