@@ -192,8 +192,11 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
     ids int64 [B, k] by probability (ties: lower id first); probs float32 [B, k] = the top-k renormalised,
     truncated to the shortest prefix whose mass reaches ``top_p`` (an entry is kept when the mass before it
     is < top_p; dropped entries get 0) and renormalised; entropy float32 [B] = H(softmax(logits)) / log V at
-    temperature 1. ``temperature == 0`` gives the one-hot packet of the argmax. -inf logits (masked
-    tokens) are never chosen while a finite one remains. Leading dims beyond one are flattened and restored.
+    temperature 1. ``temperature == 0`` gives the one-hot packet of the argmax. The temperature is used as a
+    float32 and the probabilities are softmax((logits - max) / temperature): a tiny temperature cannot
+    overflow and gives the limit, one-hot on the argmax (shared evenly by tied maxima); one that rounds to 0
+    in float32 (below about 7e-46) is 0. -inf logits (masked tokens) are never chosen while a finite one
+    remains. Leading dims beyond one are flattened and restored.
     """
     op = "topk_packet"
     _check_tensor(op, "logits", logits, min_dims=1, dtypes=_FLOATS)

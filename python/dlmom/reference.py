@@ -35,17 +35,22 @@ def entropy_normalised(logits: torch.Tensor) -> torch.Tensor:
 def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p: float = 1.0) -> Packet:
     """Top-k of softmax(logits / temperature), top-p truncated and renormalised; entropy at temperature 1.
 
+    The temperature is used as a float32 (one that rounds to 0 is 0: the one-hot packet), and the largest
+    logit is subtracted before the division, so a tiny temperature gives the argmax limit, never NaN.
     top_p acts on the top-k distribution renormalised (as transformers' TopK then TopP warpers do): an
     entry is kept when the mass before it is < top_p.
     """
     x = logits.float()
     vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)  # stable: ties -> lower id first
     vals, ids = vals[..., :k], ids[..., :k]
-    if temperature == 0:
+    t = float(torch.tensor(temperature, dtype=torch.float32))  # the kernels get it as a C float
+    if t == 0:
         probs = torch.zeros_like(vals)
         probs[..., 0] = 1.0
     else:
-        probs = torch.softmax(vals / temperature, dim=-1)
+        # A tensor divisor: torch on CUDA divides by a Python number as a multiply by its reciprocal, which
+        # is inf for a subnormal temperature (and 0 * inf NaN).
+        probs = torch.softmax((vals - vals[..., :1]) / torch.full_like(vals, t), dim=-1)
         if top_p < 1.0:
             before = torch.cumsum(probs, dim=-1) - probs
             probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
