@@ -127,6 +127,17 @@ def _check_number(op: str, name: str, value, *, lo=None, hi=None, lo_open=False,
         raise ValueError(f"{op}: {name} must be in {'(' if lo_open else '['}{lo_s}, {hi_s}], got {value!r}")
 
 
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share memory: their address ranges intersect (metadata only; conservative for
+    interleaved views). torch strides are never negative."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + (sum((n - 1) * s for n, s in zip(a.shape, a.stride())) + 1) * a.element_size()
+    b1 = b0 + (sum((n - 1) * s for n, s in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
 def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with unit stride: copy only when the last dim is strided."""
     return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
@@ -144,7 +155,10 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     probs : float [..., k]       weights of the ids (a packet's probabilities; a token is {(id, 1.0)})
     weight : float [V, D]        the input-embedding matrix (any row stride, e.g. nn.Embedding.weight)
     scale : float                the model's embedding multiplier (sqrt(D) for Gemma)
-    out : optional [..., D] tensor of weight.dtype to write into
+    out : optional [..., D] tensor of weight.dtype to write into, any strides. It may share memory with
+          ids, probs or weight: the result is that of the inputs as they were at the call (the kernel then
+          writes a new tensor, which is copied into out). An out that addresses one element twice (a stride
+          of 0 on a dim longer than 1, e.g. from ``expand``) is refused.
 
     Returns ``[..., D]`` in ``weight.dtype``; accumulation is fp32.
     """
@@ -165,6 +179,9 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
         _check_tensor(op, "out", out, dtypes=(weight.dtype,))
         if out.shape != (*lead, D):
             raise ValueError(f"{op}: out must have shape {(*lead, D)}, got {tuple(out.shape)}")
+        if any(s == 0 and n > 1 for n, s in zip(out.shape, out.stride())):
+            raise ValueError(f"{op}: out must not address one element twice, got shape {tuple(out.shape)} with "
+                             f"strides {out.stride()}")
     mod = _kernels_for(op, weight)
     # The C++ kernel checks the id range while it reads them; elsewhere check here (a sync on CUDA).
     if (mod is None or weight.device.type != "cpu") and ids.numel():
@@ -177,10 +194,12 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     k = ids.shape[-1]
     if ids.dim() != 2:
         ids, probs = ids.reshape(-1, k), probs.reshape(-1, k)
-    ids2, probs2 = _rows_unit_stride(ids), _rows_unit_stride(probs)
-    direct = out is not None and out.is_contiguous()
+    ids2, probs2, weight2 = _rows_unit_stride(ids), _rows_unit_stride(probs), _rows_unit_stride(weight)
+    # The kernel writes out directly only when out is dense and shares no memory with what it reads.
+    direct = out is not None and out.is_contiguous() and not (
+        _may_overlap(out, weight2) or _may_overlap(out, ids2) or _may_overlap(out, probs2))
     out2 = out.view(ids2.shape[0], D) if direct else weight.new_empty((ids2.shape[0], D))  # (-1 fails for D = 0)
-    _run(mod, weight, "soft_embed", ids2, probs2, _rows_unit_stride(weight), float(scale), out2)
+    _run(mod, weight, "soft_embed", ids2, probs2, weight2, float(scale), out2)
     if out is None:
         return out2 if len(lead) == 1 else out2.view(*lead, D)
     return out if direct else out.copy_(out2.view(*lead, D))
