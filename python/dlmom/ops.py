@@ -300,6 +300,12 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     per uint8, least significant bits first. scale and zero are kept in x's dtype, rounded outward (zero
     down, scale up) so each element is within half a step of its dequantised value; a constant group is
     exact. A length that is not a multiple of ``group_size`` gets a shorter last group.
+
+    Extreme values: x must be finite (NaN and inf raise ValueError); any finite x works, up to the dtype's
+    maximum. The fp32 arithmetic behaves as if its exponent were unbounded (a range max - min or a value
+    code * scale + zero beyond fp32 is computed at half scale), and where zero + 3 * scale would overflow x's
+    dtype the scale is stepped down a unit or two (the top element then lies a few units of the scale below
+    its value, still within half a step): ``kv_dequant2(kv_quant2(x))`` is finite for every finite x.
     """
     op = "kv_quant2"
     _check_tensor(op, "x", x, min_dims=1, dtypes=_FLOATS)
@@ -330,7 +336,12 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
 
 
 def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensor back from ``kv_quant2``: code * scale + zero, in ``dtype`` (default: the input's dtype)."""
+    """The tensor back from ``kv_quant2``: code * scale + zero, in ``dtype`` (default: the input's dtype).
+
+    The value is computed in fp32 as if its exponent were unbounded (kv_quant2's extreme values), then
+    rounded to ``dtype`` as ``Tensor.to`` does: finite for the input's dtype; a ``dtype`` narrower than the
+    input's (fp32 values beyond 65504 to fp16) gives inf there.
+    """
     op = "kv_dequant2"
     if not isinstance(q, QuantizedKV):
         raise ValueError(f"{op}: q must be a QuantizedKV from kv_quant2, got {type(q).__name__}")
