@@ -252,6 +252,11 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     sign(sum_e w_e v_e); merged = weighted mean of the v_e whose sign equals the elected one (0 where
     none). A token that any expert masks with -inf is -inf. ``weights`` [E] (router scores, >= 0)
     weight both the vote and the mean; default all 1.
+
+    Extreme values: the math is fp32. Only the ratios of the weights count: they are scaled by a power of
+    two (exact) so the largest is below 1, so any finite weights work (a weight below 2^-149 of the largest
+    counts as 0). Finite logits must have |x| <= 2^96 (about 7.9e28), which keeps every sum finite; a larger
+    one raises ValueError like NaN and +inf do.
     """
     op = "ties_merge"
     _check_tensor(op, "logits", logits, min_dims=2, dtypes=_FLOATS)
@@ -272,18 +277,28 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     x = _rows_unit_stride(logits.reshape(E, math.prod(lead), V))  # (-1 fails when B = 0)
     mod = _kernels_for(op, logits)
     if mod is None:
-        if bool(torch.isnan(x).any()) or bool((x == math.inf).any()):
-            raise ValueError(f"{op}: logits must be finite or -inf, got NaN or +inf")
+        if bool(torch.isnan(x).any()) or bool((x == math.inf).any()) or bool(
+                ((x.abs() > reference.TIES_MAX_LOGIT) & (x != -math.inf)).any()):
+            _ties_bad_logits(x)
         return reference.ties_merge(x, theta=theta, elect=elect, weights=weights).view(*lead, V)
     B = x.shape[1]
     means = torch.empty(E, B, dtype=torch.float32, device=x.device)
     out = torch.empty(B, V, dtype=torch.float32, device=x.device)
-    w = None if weights is None else weights.float().contiguous()
+    w = None if weights is None else reference.ties_weights(weights, E, x.device)
     _run(mod, x, "ties_merge", x, w, float(theta), 0 if elect == "vote" else 1, means, out)
-    # The kernel's row means are NaN or +inf exactly when a row holds NaN or +inf.
+    # The kernel's row means are non-finite exactly when a row holds NaN, +inf or |x| > 2^96.
     if not bool(torch.isfinite(means).all()):
-        raise ValueError(f"{op}: logits must be finite or -inf, got NaN or +inf")
+        _ties_bad_logits(x)
     return out.view(*lead, V)
+
+
+def _ties_bad_logits(x: torch.Tensor):
+    """Raise the error for logits that hold NaN, +inf or a finite value beyond 2^96 (only on the error path)."""
+    if bool(torch.isnan(x).any()) or bool((x == math.inf).any()):
+        raise ValueError("ties_merge: logits must be finite or -inf, got NaN or +inf")
+    big = x.float().abs().masked_fill(x == -math.inf, 0).max()
+    raise ValueError(f"ties_merge: logits must be -inf or finite with |x| <= 2^96 (about 7.9e28), got "
+                     f"{float(big):.4g}")
 
 
 def _kv_axis(op: str, x: torch.Tensor, axis) -> int:

@@ -58,6 +58,24 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
     return Packet(ids, probs, entropy_normalised(x))
 
 
+# Finite logits of ties_merge must have |x| <= 2^96 (csrc/ties_merge.h: kMaxLogit): then no fp32 sum of the
+# merge can overflow (for V, E < 2^31).
+TIES_MAX_LOGIT = 2.0 ** 96
+
+
+def ties_weights(weights: torch.Tensor | None, E: int, device: torch.device) -> torch.Tensor:
+    """The weights as float32 [E], scaled by a power of two so that the largest is in [0.5, 1) (or all are 0).
+
+    The merge depends only on their ratios, and a power of two scales exactly (down to float32's subnormals):
+    the weighted sums cannot overflow however large the weights are, and ties stay ties.
+    """
+    if weights is None:
+        return torch.ones(E, device=device)
+    w = weights.double()  # every float32 weight and power of two below fits, the product is exact
+    exponent = torch.frexp(w.max()).exponent  # max = m * 2^exponent, m in [0.5, 1); 0 for max == 0
+    return (w * torch.pow(2.0, -exponent.double())).float()
+
+
 def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
                weights: torch.Tensor | None = None) -> torch.Tensor:
     """Contrastive TIES over experts: [E, ..., V] -> [..., V] float32.
@@ -65,6 +83,8 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     v = x - mean_finite(x); |v| < theta -> 0; elected = sign(sum_e w_e sign(v_e)) ("vote") or
     sign(sum_e w_e v_e) ("mass"); merged = sum of w_e v_e over experts with sign(v_e) == elected != 0,
     divided by the sum of their w_e (0 where none). A token that any expert masks with -inf is -inf.
+    The weights are first scaled by a power of two (ties_weights); finite logits should have
+    |x| <= TIES_MAX_LOGIT, which dlmom.ops checks.
     """
     x = logits.float()
     E = x.shape[0]
@@ -73,14 +93,14 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / count
     v = torch.where(finite, x - mean, torch.zeros_like(x))
     v = torch.where(v.abs() >= theta, v, torch.zeros_like(v))
-    w = torch.ones(E, device=x.device) if weights is None else weights.float()
+    w = ties_weights(weights, E, x.device)
     w = w.view(E, *([1] * (x.dim() - 1)))
     s = torch.sign(v)
     elected = torch.sign((w * s).sum(0) if elect == "vote" else (w * v).sum(0))
     agree = (s == elected) & (elected != 0)
     num = torch.where(agree, w * v, torch.zeros_like(v)).sum(0)
     den = torch.where(agree, w.expand_as(v), torch.zeros_like(v)).sum(0)
-    merged = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+    merged = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
     masked = (x == -math.inf).any(0)
     return torch.where(masked, torch.full_like(merged, -math.inf), merged)
 
