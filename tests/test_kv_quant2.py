@@ -242,6 +242,20 @@ def test_values_near_the_dtype_maximum_stay_finite(device, backend, dtype, axis,
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("G", [2 ** 40, 10 ** 6])
+def test_group_size_far_beyond_the_length(device, backend, G, monkeypatch):
+    # One group per row, without memory in proportion to group_size (the reference padded x to G rows and
+    # repeated scale G times: 2^40 failed to allocate; found by tests/test_fuzz_ops.py as a slow run).
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = make((3, 9, 5), torch.bfloat16, device, seed=10)
+    for axis in (-1, -2):
+        q = dlmom.kv_quant2(x, group_size=G, axis=axis)
+        assert_same_quant(q, dlmom.kv_quant2(x, group_size=x.shape[axis], axis=axis)._replace(group_size=G))
+        torch.testing.assert_close(dlmom.kv_dequant2(q), reference.kv_dequant2(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_transposed_input_and_positive_axes(device):
     base = make((2, 64, 40), torch.float16, device, seed=8)
     x = base.transpose(-1, -2)  # [2, 40, 64], last dim strided: Python copies it

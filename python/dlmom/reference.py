@@ -194,15 +194,15 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     last group may be shorter.
     """
     R, L, C = canonical_3d(x.shape, axis)
-    G = group_size
+    G = min(group_size, max(L, 1))  # a group_size beyond L is one group of L (and must not pad to G rows)
     ng, nb = -(-L // G), -(-L // 4)
     x3 = x.reshape(R, L, C).float()
     pad = ng * G - L
     lo = torch.nn.functional.pad(x3, (0, 0, 0, pad), value=math.inf).view(R, ng, G, C).amin(2)
     hi = torch.nn.functional.pad(x3, (0, 0, 0, pad), value=-math.inf).view(R, ng, G, C).amax(2)
     scale, zero = kv_scale_zero(lo, hi, x.dtype)
-    s = scale.float().repeat_interleave(G, dim=1)[:, :L]
-    z = zero.float().repeat_interleave(G, dim=1)[:, :L]
+    group = torch.arange(L, device=x.device) // G  # the group of each position along L
+    s, z = scale.float()[:, group], zero.float()[:, group]
     codes = torch.where(s > 0, torch.round(_sub_div(x3, z, torch.where(s > 0, s, 1.0))), torch.zeros_like(x3))
     codes = codes.clamp(0, 3).to(torch.uint8)
     codes = torch.nn.functional.pad(codes, (0, 0, 0, nb * 4 - L)).view(R, nb, 4, C)
@@ -211,7 +211,7 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     tail = (nb,) if axis == -1 else (nb, x.shape[-1])
     gtail = (ng,) if axis == -1 else (ng, x.shape[-1])
     return QuantizedKV(packed.reshape(*lead, *tail), scale.reshape(*lead, *gtail), zero.reshape(*lead, *gtail),
-                       x.shape, axis, G)
+                       x.shape, axis, group_size)
 
 
 def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -222,6 +222,7 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
     b = q.codes.reshape(R, nb, 1, C)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
     codes = ((b >> shifts) & 3).reshape(R, nb * 4, C)[:, :L].float()
-    s = q.scale.reshape(R, ng, C).float().repeat_interleave(G, dim=1)[:, :L]
-    z = q.zero.reshape(R, ng, C).float().repeat_interleave(G, dim=1)[:, :L]
+    group = torch.arange(L, device=b.device) // G  # (not repeat_interleave: G may be far beyond L)
+    s = q.scale.reshape(R, ng, C).float()[:, group]
+    z = q.zero.reshape(R, ng, C).float()[:, group]
     return kv_dequant_values(codes, s, z).to(dtype or q.scale.dtype).reshape(q.shape)
