@@ -343,12 +343,13 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     if mod is None:
         return reference.kv_quant2(x, group_size=group_size, axis=axis)
     R, L, C = reference.canonical_3d(x.shape, axis)
-    ng, nb = -(-L // group_size), -(-L // 4)
+    G = min(group_size, max(L, 1))  # the same groups; an int64 for the kernel however large group_size is
+    ng, nb = -(-L // G), -(-L // 4)
     x3 = x.reshape(R, L, C).contiguous()
     codes = torch.empty(R, nb, C, dtype=torch.uint8, device=x.device)
     scale = torch.empty(R, ng, C, dtype=x.dtype, device=x.device)
     zero = torch.empty(R, ng, C, dtype=x.dtype, device=x.device)
-    _run(mod, x, "kv_quant2", x3, int(group_size), codes, scale, zero)
+    _run(mod, x, "kv_quant2", x3, G, codes, scale, zero)
     lead = x.shape[:-1] if axis == -1 else x.shape[:-2]
     tail, gtail = ((nb,), (ng,)) if axis == -1 else ((nb, x.shape[-1]), (ng, x.shape[-1]))
     return QuantizedKV(codes.view(*lead, *tail), scale.view(*lead, *gtail), zero.view(*lead, *gtail),
@@ -374,7 +375,7 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
         raise ValueError(f"{op}: q.shape must have at least {-q.axis} dims for axis={q.axis}, got {tuple(q.shape)}")
     _check_number(op, "q.group_size", q.group_size, lo=1, integer=True)
     R, L, C = reference.canonical_3d(q.shape, q.axis)
-    G = q.group_size
+    G = min(q.group_size, max(L, 1))  # the same groups; an int64 for the kernel however large group_size is
     ng, nb = -(-L // G), -(-L // 4)
     _check_tensor(op, "q.codes", q.codes, dtypes=(torch.uint8,))
     _check_tensor(op, "q.scale", q.scale, dtypes=_FLOATS)
@@ -383,11 +384,11 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
     if q.codes.numel() != R * nb * C or q.scale.numel() != R * ng * C or q.zero.shape != q.scale.shape \
             or q.zero.dtype != q.scale.dtype:
         raise ValueError(f"{op}: q's codes {tuple(q.codes.shape)}, scale {tuple(q.scale.shape)} and zero "
-                         f"{tuple(q.zero.shape)} do not fit shape {tuple(q.shape)} with group_size {G}")
+                         f"{tuple(q.zero.shape)} do not fit shape {tuple(q.shape)} with group_size {q.group_size}")
     mod = _kernels_for(op, q.codes)
     if mod is None:
         return reference.kv_dequant2(q, dtype=dtype)
     out = torch.empty(R, L, C, dtype=dtype or q.scale.dtype, device=q.codes.device)
     _run(mod, q.codes, "kv_dequant2", q.codes.reshape(R, nb, C).contiguous(), q.scale.reshape(R, ng, C).contiguous(),
-         q.zero.reshape(R, ng, C).contiguous(), int(G), out)
+         q.zero.reshape(R, ng, C).contiguous(), G, out)
     return out.view(q.shape)

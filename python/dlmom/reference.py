@@ -217,7 +217,7 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
 def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """code * scale + zero (kv_dequant_values), in ``dtype`` (default: the quantised tensor's dtype)."""
     R, L, C = canonical_3d(q.shape, q.axis)
-    G = q.group_size
+    G = min(q.group_size, max(L, 1))  # beyond L: one group (and no int64 overflow below)
     ng, nb = -(-L // G), -(-L // 4)  # explicit: reshape cannot infer a -1 when R == 0
     b = q.codes.reshape(R, nb, 1, C)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
