@@ -353,6 +353,18 @@ def test_election_sums_experts_in_order_without_fma(device, elect):
         torch.testing.assert_close(got, torch.zeros(1, 2, device=device), atol=0, rtol=0)  # a tie
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("theta", [1e300, 3.5e38, 3.4e38])
+def test_theta_beyond_float32_trims_everything(device, backend, theta, monkeypatch):
+    # theta is a float32 in the kernels: beyond 3.4e38 it is inf, which trims every v (the kernels refused it
+    # before, "got inf", while the reference merged).
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = add_masks(grid_logits(3, 2, 40, device=device))
+    got = check(x, theta=theta)
+    torch.testing.assert_close(got, torch.where(x.isinf().any(0), NEG_INF, 0.0), atol=0, rtol=0)
+
+
 # ---- errors ----
 
 def _x(device="cpu"):

@@ -215,6 +215,24 @@ def test_tiny_temperature_is_the_argmax_limit(device, backend, dtype, temperatur
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("temperature, top_p, want", [(1e300, 1.0, "uniform"), (3.5e38, 1.0, "uniform"),
+                                                      (1.0, 1e-300, "one-hot"), (0.5, 1e-46, "one-hot")])
+def test_parameters_beyond_float32(device, backend, temperature, top_p, want, monkeypatch):
+    # temperature and top_p are float32 in the kernels: a temperature beyond 3.4e38 is the largest float32
+    # (the uniform limit; masked logits stay 0), a top_p below the smallest one keeps the first entry only.
+    # The kernels refused both before ("got inf" / "got 0") and the reference gave NaN for the top_p.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = make(3, 50, torch.float32, device, seed=12)
+    x[1, ::2] = -math.inf
+    got = check(x, 6, temperature=temperature, top_p=top_p)
+    if want == "uniform":
+        torch.testing.assert_close(got.probs, torch.full((3, 6), 1 / 6, device=device), **OUT_TOL)
+    else:
+        torch.testing.assert_close(got.probs, torch.eye(6, device=device)[:1].expand(3, 6), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_entropy_known_values(device, dtype):
     V = 1000

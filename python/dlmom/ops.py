@@ -219,8 +219,9 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
     temperature 1. ``temperature == 0`` gives the one-hot packet of the argmax. The temperature is used as a
     float32 and the probabilities are softmax((logits - max) / temperature): a tiny temperature cannot
     overflow and gives the limit, one-hot on the argmax (shared evenly by tied maxima); one that rounds to 0
-    in float32 (below about 7e-46) is 0. -inf logits (masked tokens) are never chosen while a finite one
-    remains. Leading dims beyond one are flattened and restored.
+    in float32 (below about 7e-46) is 0, one beyond float32 is its largest value (the uniform limit). top_p
+    is a float32 too, at least its smallest (the first entry is always kept). -inf logits (masked tokens)
+    are never chosen while a finite one remains. Leading dims beyond one are flattened and restored.
     """
     op = "topk_packet"
     _check_tensor(op, "logits", logits, min_dims=1, dtypes=_FLOATS)
@@ -238,7 +239,8 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
         ids = torch.empty(B, k, dtype=torch.int64, device=x.device)
         probs = torch.empty(B, k, dtype=torch.float32, device=x.device)
         entropy = torch.empty(B, dtype=torch.float32, device=x.device)
-        _run(mod, x, "topk_packet", x, int(k), float(temperature), float(top_p), ids, probs, entropy)
+        t, p = reference.topk_params(temperature, top_p)
+        _run(mod, x, "topk_packet", x, int(k), t, p, ids, probs, entropy)
     # The single pass flags rows with NaN, +inf or no finite logit by a NaN entropy.
     bad = torch.isnan(entropy)
     if bool(bad.any()):
@@ -258,10 +260,10 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     none). A token that any expert masks with -inf is -inf. ``weights`` [E] (router scores, >= 0)
     weight both the vote and the mean; default all 1.
 
-    Extreme values: the math is fp32. Only the ratios of the weights count: they are scaled by a power of
-    two (exact) so the largest is below 1, so any finite weights work (a weight below 2^-149 of the largest
-    counts as 0). Finite logits must have |x| <= 2^96 (about 7.9e28), which keeps every sum finite; a larger
-    one raises ValueError like NaN and +inf do.
+    Extreme values: the math is fp32 (theta too: beyond float32 it trims everything). Only the ratios of the
+    weights count: they are scaled by a power of two (exact) so the largest is below 1, so any finite weights
+    work (a weight below 2^-149 of the largest counts as 0). Finite logits must have |x| <= 2^96 (about
+    7.9e28), which keeps every sum finite; a larger one raises ValueError like NaN and +inf do.
     """
     op = "ties_merge"
     _check_tensor(op, "logits", logits, min_dims=2, dtypes=_FLOATS)
@@ -290,7 +292,10 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     means = torch.empty(E, B, dtype=torch.float32, device=x.device)
     out = torch.empty(B, V, dtype=torch.float32, device=x.device)
     w = None if weights is None else reference.ties_weights(weights, E, x.device)
-    _run(mod, x, "ties_merge", x, w, float(theta), 0 if elect == "vote" else 1, means, out)
+    # theta beyond float32 trims everything; the largest float32 does the same (|v| <= 2^97) and the kernels
+    # want a finite one.
+    _run(mod, x, "ties_merge", x, w, min(float(theta), reference.FLOAT32_MAX), 0 if elect == "vote" else 1,
+         means, out)
     # The kernel's row means are non-finite exactly when a row holds NaN, +inf or |x| > 2^96.
     if not bool(torch.isfinite(means).all()):
         _ties_bad_logits(x)

@@ -6,6 +6,7 @@ clarity over speed. ``DLMOM_BACKEND=reference`` makes ``dlmom.ops`` use them.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -37,6 +38,24 @@ def entropy_normalised(logits: torch.Tensor) -> torch.Tensor:
     return h / math.log(V) if V > 1 else h  # V == 1: h is 0 (or NaN for a bad row)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def float32_of(value: float) -> float:
+    """value rounded to float32, as the kernels get it (beyond the float32 range: +-inf; tiny: 0)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # rounds to inf
+        return math.copysign(math.inf, value)
+
+
+def topk_params(temperature: float, top_p: float) -> tuple[float, float]:
+    """temperature and top_p as the kernels use them: float32, the temperature at most the largest float32
+    (the uniform limit; inf would make (-inf - max) / inf NaN) and top_p at least the smallest (one that
+    rounds to 0 would keep nothing; the first entry, with mass 0 before it, is always kept)."""
+    return float32_of(min(temperature, FLOAT32_MAX)), float32_of(max(top_p, 2.0 ** -149))
+
+
 def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p: float = 1.0) -> Packet:
     """Top-k of softmax(logits / temperature), top-p truncated and renormalised; entropy at temperature 1.
 
@@ -48,7 +67,7 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
     x = logits.float()
     vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)  # stable: ties -> lower id first
     vals, ids = vals[..., :k], ids[..., :k]
-    t = float(torch.tensor(temperature, dtype=torch.float32))  # the kernels get it as a C float
+    t, top_p = topk_params(temperature, top_p)
     if t == 0:
         probs = torch.zeros_like(vals)
         probs[..., 0] = 1.0
@@ -97,7 +116,7 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     count = finite.sum(-1, keepdim=True).clamp(min=1)
     mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / count
     v = torch.where(finite, x - mean, torch.zeros_like(x))
-    v = torch.where(v.abs() >= theta, v, torch.zeros_like(v))
+    v = torch.where(v.abs() >= float32_of(theta), v, torch.zeros_like(v))  # theta as a float32 (maybe inf)
     w = ties_weights(weights, E, x.device)
     s = torch.sign(v)
     # Sums over experts in expert order, each product and sum rounded to fp32 (as the kernels: an election
