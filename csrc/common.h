@@ -81,16 +81,25 @@ inline int64_t dtype_size(DType d) {
 }
 
 // Whether two views may share a byte: their address ranges intersect (conservative for interleaved views).
-// Strides are >= 0 (torch has no negative strides).
 inline bool may_overlap(const View& a, const View& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
-  auto end = [](const View& v) {
-    int64_t last = 0;
-    for (int i = 0; i < v.ndim; ++i) last += (v.size[i] - 1) * v.stride[i];
-    return reinterpret_cast<uintptr_t>(v.data) + uintptr_t((last + 1) * dtype_size(v.dtype));
+  struct Range { uintptr_t begin, end; };
+  auto range = [](const View& v) {
+    int64_t lo = 0, hi = 0;  // element offsets of the first and last element (a stride may be negative)
+    for (int i = 0; i < v.ndim; ++i) (v.stride[i] < 0 ? lo : hi) += (v.size[i] - 1) * v.stride[i];
+    const uintptr_t base = reinterpret_cast<uintptr_t>(v.data);
+    const int64_t bytes = dtype_size(v.dtype);
+    return Range{base + uintptr_t(lo * bytes), base + uintptr_t((hi + 1) * bytes)};
   };
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a.data), b0 = reinterpret_cast<uintptr_t>(b.data);
-  return a0 < end(b) && b0 < end(a);
+  const Range ra = range(a), rb = range(b);
+  return ra.begin < rb.end && rb.begin < ra.end;
+}
+
+// An output the kernels write must share no memory with a view they read or another output: the result would
+// depend on the order of the writes. (dlmom.ops always passes new outputs; this guards direct calls.)
+inline void check_disjoint(const View& out, const char* out_name, const View& other, const char* other_name,
+                           const char* op) {
+  DLMOM_CHECK(!may_overlap(out, other), op, out_name, " must not overlap ", other_name);
 }
 
 inline void check_float(const View& v, const char* op, const char* name) {

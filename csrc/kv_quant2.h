@@ -168,11 +168,27 @@ inline void check_args(const View& full, const View& codes, const View& scale, c
   check_shape(zero, R, ceil_div(L, group_size), C, op, "zero");
 }
 
+// quant writes codes, scale and zero, reading x.
 inline void check_quant_args(const View& x, int64_t group_size, const View& codes, const View& scale,
                              const View& zero, const char* op) {
   check_args(x, codes, scale, zero, group_size, op, "x");
   DLMOM_CHECK(scale.dtype == DType::f32 || scale.dtype == x.dtype, op, "scale must be float32 or x's dtype ",
               dtype_name(x.dtype), ", got ", dtype_name(scale.dtype));
+  check_disjoint(codes, "codes", x, "x", op);
+  check_disjoint(scale, "scale", x, "x", op);
+  check_disjoint(zero, "zero", x, "x", op);
+  check_disjoint(scale, "scale", codes, "codes", op);
+  check_disjoint(zero, "zero", codes, "codes", op);
+  check_disjoint(zero, "zero", scale, "scale", op);
+}
+
+// dequant writes out, reading codes, scale and zero.
+inline void check_dequant_args(const View& codes, const View& scale, const View& zero, int64_t group_size,
+                               const View& out, const char* op) {
+  check_args(out, codes, scale, zero, group_size, op, "out");
+  check_disjoint(out, "out", codes, "codes", op);
+  check_disjoint(out, "out", scale, "scale", op);
+  check_disjoint(out, "out", zero, "zero", op);
 }
 
 }  // namespace kvq

@@ -28,9 +28,9 @@ inline void soft_embed_check(const View& ids, const View& probs, const View& wei
   DLMOM_CHECK(out.size[0] == B && out.size[1] == D, op, "out must be [", B, ", ", D, "], got [", out.size[0],
               ", ", out.size[1], "]");
   // The kernels write out while they read the inputs (dlmom.ops computes into a new tensor then).
-  DLMOM_CHECK(!may_overlap(out, weight), op, "out must not overlap weight");
-  DLMOM_CHECK(!may_overlap(out, ids), op, "out must not overlap ids");
-  DLMOM_CHECK(!may_overlap(out, probs), op, "out must not overlap probs");
+  check_disjoint(out, "out", weight, "weight", op);
+  check_disjoint(out, "out", ids, "ids", op);
+  check_disjoint(out, "out", probs, "probs", op);
 }
 
 template <typename I>

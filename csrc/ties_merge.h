@@ -154,6 +154,13 @@ inline Dims check_args(const View& logits, const View& weights, float theta, int
   check_dtype(out, DType::f32, op, "out");
   DLMOM_CHECK(out.size[0] == B && out.size[1] == V, op, "out must have shape [", B, ", ", V, "], got [",
               out.size[0], ", ", out.size[1], "]");
+  check_disjoint(means, "means", logits, "logits", op);
+  check_disjoint(out, "out", logits, "logits", op);
+  check_disjoint(out, "out", means, "means", op);
+  if (has_weights) {
+    check_disjoint(means, "means", weights, "weights", op);
+    check_disjoint(out, "out", weights, "weights", op);
+  }
   return {E, B, V, has_weights};
 }
 

@@ -173,6 +173,12 @@ inline void check_args(const View& logits, int64_t k, float temperature, float t
   DLMOM_CHECK(std::isfinite(temperature) && temperature >= 0.0f, op,
               "temperature must be a finite number >= 0, got ", temperature);
   DLMOM_CHECK(top_p > 0.0f && top_p <= 1.0f, op, "top_p must be in (0, 1], got ", top_p);
+  check_disjoint(ids, "ids", logits, "logits", op);
+  check_disjoint(probs, "probs", logits, "logits", op);
+  check_disjoint(entropy, "entropy", logits, "logits", op);
+  check_disjoint(probs, "probs", ids, "ids", op);
+  check_disjoint(entropy, "entropy", ids, "ids", op);
+  check_disjoint(entropy, "entropy", probs, "probs", op);
 }
 
 }  // namespace topk

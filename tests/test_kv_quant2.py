@@ -429,6 +429,38 @@ def test_binding_checks_views(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, message", [
+    ("codes in x", "kv_quant2: codes must not overlap x"),
+    ("codes in scale", "kv_quant2: scale must not overlap codes"),
+    ("zero is scale", "kv_quant2: zero must not overlap scale"),
+    ("scale in out", "kv_dequant2: out must not overlap scale"),
+])
+def test_binding_refuses_overlapping_outputs(device, case, message):
+    # What a kernel writes must share no memory with what it reads or with another output (dlmom.ops always
+    # passes new outputs; a direct call of the binding gets ValueError).
+    mod = ops.native_module(device)
+    if mod is None:
+        pytest.skip(f"the {device} kernels are not built")
+    kw = {"stream": torch.cuda.current_stream().cuda_stream} if device == "cuda" else {}
+    v = ops._view
+    x, codes, scale, zero = _buffers(2, 10, 3, 4, torch.float32, device=device)  # codes, scale, zero [2, 3, 3]
+    out = torch.empty(2, 10, 3, device=device)
+    if case == "codes in x":
+        codes = x.view(-1).view(torch.uint8)[:18].view(2, 3, 3)
+    elif case == "codes in scale":
+        codes = scale.view(-1).view(torch.uint8)[:18].view(2, 3, 3)
+    elif case == "zero is scale":
+        zero = scale
+    else:
+        scale = out.view(-1)[:18].view(2, 3, 3)
+    with pytest.raises(ValueError, match=message):
+        if message.startswith("kv_quant2"):
+            mod.kv_quant2(v(x), 4, v(codes), v(scale), v(zero), **kw)
+        else:
+            mod.kv_dequant2(v(codes), v(scale), v(zero), 4, v(out), **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [1, 5])
 def test_binding_strided_rows(device, C):
     # The C++ API takes rows (dim 0) with any stride: slices of wider buffers give the same results as the

@@ -508,3 +508,26 @@ def test_binding_rejects_bad_views(case, match):
         lv = (0, 0, (3, 2, 17), (34, 17, 1))
     with pytest.raises(ValueError, match="ties_merge: " + match):
         mod.ties_merge(lv, wv, theta, elect, mv, ov)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("means in logits", "means must not overlap logits"),
+    ("out in logits", "out must not overlap logits"),
+    ("out over means", "out must not overlap means"),
+    ("weights in out", "out must not overlap weights"),
+])
+def test_binding_refuses_overlapping_outputs(case, match):
+    # Outputs that share memory with an input or with each other: refused (dlmom.ops never passes them).
+    mod = ops.native_module("cpu")
+    x, means, out = _views()
+    w = torch.ones(3)
+    if case == "means in logits":
+        means = x.view(-1)[:6].view(3, 2)
+    elif case == "out in logits":
+        out = x[0]
+    elif case == "out over means":
+        means = out.view(-1)[:6].view(3, 2)
+    else:
+        w = out.view(-1)[:3]
+    with pytest.raises(ValueError, match="ties_merge: " + match):
+        mod.ties_merge(ops._view(x), ops._view(w), 0.0, 0, ops._view(means), ops._view(out))

@@ -441,3 +441,29 @@ def test_binding_rechecks_views(device, case, message):
     logits = kw.pop("logits", x)
     with pytest.raises(ValueError, match=f"topk_packet: {message}"):
         call_binding(device, logits, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, message", [
+    ("probs in logits", "probs must not overlap logits"),
+    ("ids in logits", "ids must not overlap logits"),
+    ("entropy in probs", "entropy must not overlap probs"),
+    ("probs in ids", "probs must not overlap ids"),
+])
+def test_binding_refuses_overlapping_outputs(device, case, message):
+    # An output that shares memory with the logits or another output: its values would depend on the order of
+    # the writes. dlmom.ops never passes one; a direct call of the binding gets ValueError.
+    x = torch.randn(4, 10, device=device)
+    kw = {}
+    if case == "probs in logits":
+        kw["probs"] = x[:, :2]
+    elif case == "ids in logits":
+        kw["ids"] = x.view(torch.int64)[:, :2]
+    elif case == "entropy in probs":
+        kw["probs"] = torch.empty(4, 2, device=device)
+        kw["entropy"] = kw["probs"].view(-1)[:4]
+    else:
+        kw["ids"] = torch.empty(4, 2, dtype=torch.int64, device=device)
+        kw["probs"] = kw["ids"].view(torch.float32)[:, :2]
+    with pytest.raises(ValueError, match=f"topk_packet: {message}"):
+        call_binding(device, x, **kw)

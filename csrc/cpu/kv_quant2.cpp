@@ -363,7 +363,7 @@ void kv_quant2_cpu(const View& x, int64_t group_size, const View& codes, const V
 
 void kv_dequant2_cpu(const View& codes, const View& scale, const View& zero, int64_t group_size, const View& out) {
   constexpr const char* op = "kv_dequant2";
-  kvq::check_args(out, codes, scale, zero, group_size, op, "out");
+  kvq::check_dequant_args(codes, scale, zero, group_size, out, op);
   const int64_t G = group_size;
   DLMOM_DISPATCH_FLOAT(scale.dtype, TS, op,
                        DLMOM_DISPATCH_FLOAT(out.dtype, TO, op, dequant<TS, TO>(codes, scale, zero, G, out)));

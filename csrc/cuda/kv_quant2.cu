@@ -147,7 +147,7 @@ void kv_quant2_cuda(const View& x, int64_t group_size, const View& codes, const 
 void kv_dequant2_cuda(const View& codes, const View& scale, const View& zero, int64_t group_size, const View& out,
                       void* stream) {
   constexpr const char* op = "kv_dequant2";
-  kvq::check_args(out, codes, scale, zero, group_size, op, "out");
+  kvq::check_dequant_args(codes, scale, zero, group_size, out, op);
   const Dims d = dims_of(out, group_size);
   if (d.R == 0 || d.L == 0 || d.C == 0) return;
   const cudaStream_t st = as_stream(stream);
