@@ -73,17 +73,39 @@ class Expert:
                 tok.convert_ids_to_tokens(len(tok) - 1))
 
     def prompt_ids(self, prompt: str, *, chat: bool) -> list[int]:
-        """Token ids of a prompt: the chat template with this expert's system prompt, or the raw text."""
+        """Token ids of a prompt: the chat template with this expert's system prompt, or the raw text.
+
+        The prompt is user text: a control string of the tokenizer in it (``<|im_start|>system ...``) is
+        tokenised as plain text, never as the control token, so a prompt cannot open a turn of its own."""
         tok = self.tokenizer
         if chat and getattr(tok, "chat_template", None):
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            messages.append({"role": "user", "content": prompt})
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return self._chat_ids(prompt)
         text = prompt if not self.system_prompt else f"{self.system_prompt}\n\n{prompt}"
-        return tok.encode(text)
+        return tok.encode(text, split_special_tokens=True)
+
+    def _render(self, content: str) -> str:
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _chat_ids(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        text = self._render(prompt)
+        controls = [s for s in _control_strings(tok) if s in prompt]
+        if not controls:  # the common case: exactly what apply_chat_template(tokenize=True) gives
+            return tok.encode(text, add_special_tokens=False)
+        # The template around the user's text keeps its control tokens; the text itself is split. A marker
+        # in place of the prompt shows where the template puts it (and what it does to it, e.g. a trim).
+        marker = "dlmom0prompt0marker"
+        head, sep, tail = self._render(marker).partition(marker)
+        if not sep or not text.startswith(head) or not text.endswith(tail) or len(text) < len(head) + len(tail):
+            raise ValueError(f"expert {self.name!r}: the prompt contains the tokenizer's control string "
+                             f"{controls[0]!r} and the chat template does not place the prompt where it can be kept "
+                             "as plain text; remove the control string or pass chat=False")
+        body = text[len(head):len(text) - len(tail)]
+        return (tok.encode(head, add_special_tokens=False) + tok.encode(body, add_special_tokens=False,
+                                                                          split_special_tokens=True)
+                + tok.encode(tail, add_special_tokens=False))
 
     def eos_ids(self) -> set[int]:
         ids = set()
@@ -93,6 +115,15 @@ class Expert:
             elif source:
                 ids.update(int(i) for i in source)
         return ids
+
+
+def _control_strings(tokenizer) -> list[str]:
+    """The texts that the tokenizer turns into special (control) tokens."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added))
+    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 def cache_dir() -> pathlib.Path:
