@@ -21,15 +21,30 @@ agent (an answer read by two later agents counts twice), 0 for single.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import torch
 
-from .engine import DLMoM, DLMoMConfig, Result, _seeded, check_generate_args
-from .experts import Expert, as_experts
+from .engine import DLMoM, DLMoMConfig, Result, check_generate_args
+from .experts import Expert, as_experts, fit_budget
 from .soft_thinking import _left_pad
 
 METHODS = ("dlmom", "single", "text-mas")
+# transformers' generate samples from torch's process-wide RNG: seeded baseline runs take turns on it.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """All randomness of one baseline call from ``seed``, without disturbing the caller's RNG state; seeded
+    calls from several threads run one at a time, so each still reproduces."""
+    if seed is None:
+        yield
+        return
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
@@ -61,6 +76,7 @@ def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: 
     eos = expert.eos_ids()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos or {0})
     rows = [expert.prompt_ids(p, chat=config.chat) for p in prompts]
+    max_new_tokens = fit_budget(max_new_tokens, [(expert, expert.context_room(rows))])
     ids, mask = _left_pad(rows, pad_id, expert.device)
     sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
         else dict(do_sample=False)

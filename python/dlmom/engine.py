@@ -7,10 +7,10 @@ router scores every expert on the preview and re-weights (or drops) them.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
+import threading
 import time
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from . import consensus, router
 from .bus import TextBridge, align_logits, packet_bytes, vocab_alignment
 from .controller import CONTROLLERS, EXPLICIT, LATENT, Controller
-from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts
+from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts, fit_budget
 from .kv_cache import KV_MODES
 from .ops import topk_packet
 from .soft_thinking import SoftThinkingEngine
@@ -161,25 +161,33 @@ def check_generate_args(prompts, max_new_tokens, seed, stop) -> tuple[list[str],
     return list(prompts), stops
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """All randomness of one generate call from ``seed``, without disturbing the caller's RNG state."""
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (KeyboardInterrupt) during ``DLMoM.generate``, with what was generated so far: ``texts``, one
+    partial answer per prompt."""
+
+    def __init__(self, texts: list[str]):
+        super().__init__("generation interrupted")
+        self.texts = texts
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """This generation's own random stream: concurrent generations never share one. Without a seed it is
+    seeded from torch's global RNG, so ``torch.manual_seed`` still makes an unseeded call repeatable."""
     if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+        seed = int(torch.randint(0, 2 ** 62, ()))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def _add_noise(probs: torch.Tensor, kind: str, strength: float) -> torch.Tensor:
+def _add_noise(probs: torch.Tensor, kind: str, strength: float, rng: torch.Generator) -> torch.Tensor:
     """Gumbel-softmax (tau) or Dirichlet (alpha * p) noise on packet probabilities [B, k]; zeros stay 0."""
     live = probs > 0
     if kind == "gumbel":
-        u = torch.rand_like(probs).clamp(1e-10, 1 - 1e-10)
+        u = torch.rand(probs.shape, generator=rng, device=probs.device, dtype=probs.dtype).clamp(1e-10, 1 - 1e-10)
         scores = (probs.clamp(min=1e-30).log() - torch.log(-torch.log(u))) / strength
         return torch.softmax(scores.masked_fill(~live, -math.inf), dim=-1)
-    sample = torch.distributions.Gamma((strength * probs).clamp(min=1e-6), 1.0).sample() * live
+    # Gamma(alpha, 1) draws as torch.distributions.Gamma makes them, from this generation's generator.
+    alpha = (strength * probs).clamp(min=1e-6)
+    sample = torch._standard_gamma(alpha, generator=rng).clamp(min=torch.finfo(alpha.dtype).tiny) * live
     return sample / sample.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
@@ -205,6 +213,7 @@ class DLMoM:
         key = self.primary.vocab_key()
         self.bridged = [engine.experts[0].vocab_key() != key for engine in self.engines]
         self._alignments: dict[int, torch.Tensor] = {}
+        self._busy = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, experts=None, *, config: DLMoMConfig | None = None, dtype: torch.dtype = torch.float32,
@@ -262,10 +271,17 @@ class DLMoM:
                  progress: bool = False) -> list[Result]:
         """Answer each prompt; returns one Result per prompt (see Result)."""
         prompts, stops = check_generate_args(prompts, max_new_tokens, seed, stop)
-        with _seeded(seed, self.primary.device):
-            return self._generate(prompts, max_new_tokens, stops, progress)
+        # The experts' runners hold this generation's caches and counters: one generation at a time per object.
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("DLMoM.generate: this DLMoM object is already generating (in another thread); "
+                               "use one DLMoM object per thread (they may share the experts' models)")
+        try:
+            return self._generate(prompts, max_new_tokens, stops, progress, _generator(seed, self.primary.device))
+        finally:
+            self._busy.release()
 
-    def _generate(self, prompts: list[str], max_new_tokens: int, stops: list[str], progress: bool) -> list[Result]:
+    def _generate(self, prompts: list[str], max_new_tokens: int, stops: list[str], progress: bool,
+                  rng: torch.Generator) -> list[Result]:
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -274,6 +290,7 @@ class DLMoM:
         logits = [engine.prefill(prompts, chat=cfg.chat, kv=cfg.kv, kv_group_size=cfg.kv_group_size,
                                  kv_residual_length=cfg.kv_residual_length, share_prefix=cfg.share_prefill)
                   for engine in self.engines]
+        max_new_tokens = fit_budget(max_new_tokens, [(engine.experts[0], engine.room) for engine in self.engines])
         bridges = {i: TextBridge(self.primary.tokenizer, e.tokenizer, B)
                    for i, e in enumerate(self.engines) if self.bridged[i]}
         controller = Controller(B, kind=cfg.controller, block_size=cfg.block_size,
@@ -293,82 +310,88 @@ class DLMoM:
         strength = cfg.noise_strength or _DEFAULT_NOISE_STRENGTH.get(cfg.noise, 0.0)
 
         bar = tqdm(total=max_new_tokens, desc="decoding", disable=not progress, unit="step")
-        for step in range(max_new_tokens):
-            bar.update(1)
-            stacked = self._stack_logits(logits)  # [E, B, V]
-            merged = consensus.merge(stacked, theta=cfg.theta, elect=cfg.elect, weights=weights)
-            packet = topk_packet(merged, k, temperature=cfg.temperature, top_p=cfg.top_p)
-            in_preview = step < preview
-            switched: dict[int, str] = {}
-            if in_preview:
-                modes = torch.full((B,), EXPLICIT, dtype=torch.long)
-            else:
-                seen = len(controller.events)
-                modes = controller.step(packet.entropy, active=~finished)
-                switched = {e.row: f"to {e.to}: {e.reason}" for e in controller.events[seen:]}
-            top1 = packet.ids[:, 0]
-            token = top1
-            if cfg.do_sample and not in_preview:
-                pick = torch.multinomial(packet.probs, 1)
-                token = packet.ids.gather(1, pick)[:, 0]
-            latent = (modes == LATENT).to(device)
-            feed_ids, feed_probs = packet.ids.clone(), packet.probs.clone()
-            if cfg.noise is not None and bool(latent.any()):
-                feed_probs = torch.where(latent.view(-1, 1), _add_noise(feed_probs, cfg.noise, strength), feed_probs)
-            one_hot = torch.zeros_like(feed_probs)
-            one_hot[:, 0] = 1.0
-            feed_ids[:, 0] = torch.where(latent, feed_ids[:, 0], token)
-            feed_probs = torch.where(latent.view(-1, 1), feed_probs, one_hot)
-            agree = consensus.agreement(stacked, top1, weights)
-            # Packet bytes per prompt: one packet to each of its rows still running on the primary vocabulary.
-            receivers = sum((engine.rows_per_prompt() for i, engine in enumerate(self.engines)
-                             if not self.bridged[i]), torch.zeros(B, dtype=torch.long))
-            step_bytes = (receivers * packet_bytes(feed_ids, feed_probs)).tolist()
+        try:
+            for step in range(max_new_tokens):
+                bar.update(1)
+                stacked = self._stack_logits(logits)  # [E, B, V]
+                merged = consensus.merge(stacked, theta=cfg.theta, elect=cfg.elect, weights=weights)
+                packet = topk_packet(merged, k, temperature=cfg.temperature, top_p=cfg.top_p)
+                in_preview = step < preview
+                switched: dict[int, str] = {}
+                if in_preview:
+                    modes = torch.full((B,), EXPLICIT, dtype=torch.long)
+                else:
+                    seen = len(controller.events)
+                    modes = controller.step(packet.entropy, active=~finished)
+                    switched = {e.row: f"to {e.to}: {e.reason}" for e in controller.events[seen:]}
+                top1 = packet.ids[:, 0]
+                token = top1
+                if cfg.do_sample and not in_preview:
+                    pick = torch.multinomial(packet.probs, 1, generator=rng)
+                    token = packet.ids.gather(1, pick)[:, 0]
+                latent = (modes == LATENT).to(device)
+                feed_ids, feed_probs = packet.ids.clone(), packet.probs.clone()
+                if cfg.noise is not None and bool(latent.any()):
+                    noisy = _add_noise(feed_probs, cfg.noise, strength, rng)
+                    feed_probs = torch.where(latent.view(-1, 1), noisy, feed_probs)
+                one_hot = torch.zeros_like(feed_probs)
+                one_hot[:, 0] = 1.0
+                feed_ids[:, 0] = torch.where(latent, feed_ids[:, 0], token)
+                feed_probs = torch.where(latent.view(-1, 1), feed_probs, one_hot)
+                agree = consensus.agreement(stacked, top1, weights)
+                # Packet bytes per prompt: one packet to each of its rows still running on the primary vocabulary.
+                receivers = sum((engine.rows_per_prompt() for i, engine in enumerate(self.engines)
+                                 if not self.bridged[i]), torch.zeros(B, dtype=torch.long))
+                step_bytes = (receivers * packet_bytes(feed_ids, feed_probs)).tolist()
 
-            if in_preview:  # the router's score of the preview, from logits the experts produced anyway
-                for i, x in enumerate(logits):
-                    if not self.bridged[i]:
-                        lp = torch.log_softmax(x.float(), dim=-1).gather(-1, token.view(1, -1, 1).expand(x.shape[0], -1, 1))
-                        preview_bits[i] -= torch.where(finished.to(lp.device), 0.0, lp[..., 0]).cpu() / math.log(2)
-            token_list, top1_list = token.tolist(), top1.tolist()
-            for b in range(B):
-                if finished[b]:
-                    continue
-                is_latent = bool(latent[b])
-                out = top1_list[b] if is_latent else token_list[b]
-                record = {"step": step, "mode": "preview" if in_preview else ("latent" if is_latent else "explicit"),
-                          "entropy": float(packet.entropy[b]), "id": out, "token": self._decode([out]),
-                          "top": [[self._decode([i]), round(float(p), 4)] for i, p in
-                                  zip(packet.ids[b, :5].tolist(), packet.probs[b, :5].tolist())],
-                          "agreement": float(agree[b]), "switches": int(controller.switches[b]),
-                          "bus_bytes": step_bytes[b]}
-                if b in switched:
-                    record["switch"] = switched[b]
-                traces[b].append(record)
-                if not is_latent and out in eos:
-                    finished[b] = True
-                    continue
-                shown[b].append(out)
-                texts[b] = self._decode(shown[b])
-                hit = [texts[b].index(s) for s in stops if s in texts[b]]
-                if hit:
-                    texts[b] = texts[b][:min(hit)]
-                    finished[b] = True
+                if in_preview:  # the router's score of the preview, from logits the experts produced anyway
+                    for i, x in enumerate(logits):
+                        if not self.bridged[i]:
+                            picked = token.view(1, -1, 1).expand(x.shape[0], -1, 1)
+                            lp = torch.log_softmax(x.float(), dim=-1).gather(-1, picked)
+                            preview_bits[i] -= torch.where(finished.to(lp.device), 0.0, lp[..., 0]).cpu() / math.log(2)
+                token_list, top1_list = token.tolist(), top1.tolist()
+                for b in range(B):
+                    if finished[b]:
+                        continue
+                    is_latent = bool(latent[b])
+                    out = top1_list[b] if is_latent else token_list[b]
+                    mode = "preview" if in_preview else ("latent" if is_latent else "explicit")
+                    record = {"step": step, "mode": mode,
+                              "entropy": float(packet.entropy[b]), "id": out, "token": self._decode([out]),
+                              "top": [[self._decode([i]), round(float(p), 4)] for i, p in
+                                      zip(packet.ids[b, :5].tolist(), packet.probs[b, :5].tolist())],
+                              "agreement": float(agree[b]), "switches": int(controller.switches[b]),
+                              "bus_bytes": step_bytes[b]}
+                    if b in switched:
+                        record["switch"] = switched[b]
+                    traces[b].append(record)
+                    if not is_latent and out in eos:
+                        finished[b] = True
+                        continue
+                    shown[b].append(out)
+                    texts[b] = self._decode(shown[b])
+                    hit = [texts[b].index(s) for s in stops if s in texts[b]]
+                    if hit:
+                        texts[b] = texts[b][:min(hit)]
+                        finished[b] = True
 
-            keep = (~finished).expand(E, B)  # rows of finished prompts and of routed-out roles leave the batch
-            if in_preview and step == preview - 1:
-                weights, kept = self._route(prompts, shown, route, preview_bits)
-                keep = kept.cpu() & keep
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            for engine, rows in zip(self.engines, keep.split([engine.roles for engine in self.engines])):
-                engine.keep_rows(rows)
-            bus_total += sum(n for b, n in enumerate(step_bytes) if not finished[b])
-            logits, bridged_bytes = self._feed(logits, bridges, feed_ids, feed_probs,
-                                               [None if finished[b] else s[-1] if s else None
-                                                for b, s in enumerate(shown)])
-            bus_total += bridged_bytes
-
+                keep = (~finished).expand(E, B)  # rows of finished prompts and of routed-out roles leave the batch
+                if in_preview and step == preview - 1:
+                    weights, kept = self._route(prompts, shown, route, preview_bits)
+                    keep = kept.cpu() & keep
+                if bool(finished.all()) or step == max_new_tokens - 1:
+                    break
+                for engine, rows in zip(self.engines, keep.split([engine.roles for engine in self.engines])):
+                    engine.keep_rows(rows)
+                bus_total += sum(n for b, n in enumerate(step_bytes) if not finished[b])
+                logits, bridged_bytes = self._feed(logits, bridges, feed_ids, feed_probs,
+                                                   [None if finished[b] else s[-1] if s else None
+                                                    for b, s in enumerate(shown)])
+                bus_total += bridged_bytes
+        except KeyboardInterrupt:
+            bar.close()
+            raise GenerationInterrupted(list(texts)) from None
         bar.close()
         usage = self._usage(start, bus_total, controller, bridges)
         return [Result(texts[b], traces[b], route[b], usage) for b in range(B)]

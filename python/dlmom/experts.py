@@ -11,6 +11,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import warnings
 
 import torch
 
@@ -107,6 +108,28 @@ class Expert:
                                                                           split_special_tokens=True)
                 + tok.encode(tail, add_special_tokens=False))
 
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions the model takes (its config's max_position_embeddings); None when it states none."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n = getattr(config, "max_position_embeddings", None)
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    def context_room(self, rows: list[list[int]]) -> int | None:
+        """How many tokens can be generated after each of ``rows`` (prompt ids) within the model's positions
+        (the last one is never fed back, so a prompt of exactly max_positions tokens still answers one);
+        None when the model states no limit. ValueError names a prompt that alone is longer."""
+        limit = self.max_positions
+        if limit is None:
+            return None
+        longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+        n = len(rows[longest])
+        if n > limit:
+            raise ValueError(f"prompts[{longest}] is {n} tokens for expert {self.name!r} (its chat template and "
+                             f"role included), more than the {limit} positions its model takes: shorten the prompt")
+        return limit - n + 1
+
     def eos_ids(self) -> set[int]:
         ids = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
@@ -124,6 +147,20 @@ def _control_strings(tokenizer) -> list[str]:
         if getattr(added, "special", False):
             found.add(str(added))
     return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def fit_budget(max_new_tokens: int, rooms: list[tuple["Expert", int | None]]) -> int:
+    """``max_new_tokens``, or what fits the tightest expert's context (``rooms``: (expert, context_room)) with a
+    warning that names that expert: a budget past a model's positions is cut, never run silently."""
+    known = [(room, e) for e, room in rooms if room is not None]
+    if not known:
+        return max_new_tokens
+    room, tight = min(known, key=lambda x: x[0])
+    if room >= max_new_tokens:
+        return max_new_tokens
+    warnings.warn(f"max_new_tokens={max_new_tokens} would run past the {tight.max_positions} positions of expert "
+                  f"{tight.name!r} for the longest prompt: generating at most {room} tokens", UserWarning, stacklevel=3)
+    return room
 
 
 def cache_dir() -> pathlib.Path:

@@ -64,6 +64,7 @@ class SoftThinkingEngine:
         self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
         self.cache, self._peak_cache, self._grid = None, 0, None
         self.batch = 0
+        self.room: int | None = None  # tokens that fit after the longest prompt of the last prefill (None: no limit)
         self.active = torch.zeros(0, dtype=torch.long)
 
     @property
@@ -125,7 +126,8 @@ class SoftThinkingEngine:
     def prefill(self, prompts: list[str], *, chat: bool, kv: str = "full", kv_group_size: int = 32,
                 kv_residual_length: int = 128, share_prefix: bool = True) -> torch.Tensor:
         """Start a generation: reset the counters, prefill every role's prompt for every prompt into a new
-        cache of kind ``kv``; returns next-token logits [R, B, V_model].
+        cache of kind ``kv``; returns next-token logits [R, B, V_model]. A prompt longer than the model's
+        positions raises ValueError before any forward; ``room`` is then how many tokens fit after the longest.
 
         With ``share_prefix`` and several roles, the token prefix that all roles' prompts of one prompt have in
         common (e.g. the chat template's opening) is computed once and its cache copied to every role; each role
@@ -139,6 +141,9 @@ class SoftThinkingEngine:
         self.decode_tokens = [0] * self.roles
         self.batch = B = len(prompts)
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
+        # Before any forward: a prompt past the model's positions is refused here, not run.
+        rooms = [e.context_room(rows[r * B:(r + 1) * B]) for r, e in enumerate(self.experts)]
+        self.room = min((n for n in rooms if n is not None), default=None)
         self.fed = [list(r) for r in rows]  # token ids each row's cache holds (token feeds only, not packets)
         self.active = torch.arange(len(rows))
         self.cache, self._peak_cache, self._grid = self._new_cache(), 0, None
