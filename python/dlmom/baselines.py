@@ -26,8 +26,9 @@ import time
 
 import torch
 
-from .engine import DLMoM, DLMoMConfig, Result, check_generate_args
+from .engine import DLMoM, DLMoMConfig, check_generate_args
 from .experts import Expert, as_experts, fit_budget
+from .results import Result, cut_at_stop
 from .soft_thinking import _left_pad
 
 METHODS = ("dlmom", "single", "text-mas")
@@ -96,11 +97,6 @@ def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: 
     return texts, counts
 
 
-def _cut(text: str, stops: list[str]) -> str:
-    hit = [text.index(s) for s in stops if s in text]
-    return text[:min(hit)] if hit else text
-
-
 def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
     """What a text-mas agent reads: the question, then every earlier agent's full answer."""
     if not earlier:
@@ -125,7 +121,7 @@ def single(experts, prompts: list[str], *, expert: int = 0, max_new_tokens: int 
     chosen = experts[expert]
     start, clock = time.perf_counter(), [0.0]
     texts, counts = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
-    texts = [_cut(t, stop or []) for t in texts]
+    texts = [cut_at_stop(t, stop or [])[0] for t in texts]
     usage = _usage("single", start, clock, [counts], 0)
     return [Result(t, [{"agent": chosen.name, "prompt": p, "text": t}], [], usage) for p, t in zip(prompts, texts)]
 
@@ -146,7 +142,7 @@ def text_mas(experts, prompts: list[str], *, max_new_tokens: int = 256, config: 
         for b, text in enumerate(texts):
             earlier[b].append((agent.name, text))
             traces[b].append({"agent": agent.name, "prompt": asked[b], "text": text})
-    texts = [_cut(t, stop or []) for t in texts]
+    texts = [cut_at_stop(t, stop or [])[0] for t in texts]
     usage = _usage("text-mas", start, clock, counts, bus_bytes)
     return [Result(t, trace, [], usage) for t, trace in zip(texts, traces)]
 

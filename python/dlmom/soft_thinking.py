@@ -1,4 +1,5 @@
-"""Soft Thinking engines: one model, its KV cache, and the rows of every expert (role) that uses it.
+"""Soft Thinking runners: one model, its KV cache, and the rows of every expert (role) that uses it, for one
+generation (a new runner per generation: its cache, masks and counters are that generation's own).
 
 Experts that share weights (one model in several roles) run as one batched forward each step: rows are
 role-major, ``row = role * B + b``. A step's input is a packet; its embedding is ``soft_embed`` with the
@@ -39,7 +40,7 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
-class SoftThinkingEngine:
+class SoftThinkingRunner:
     """Runs ``experts`` (all on the same model) over a batch of B prompts.
 
     Rows are the (role, prompt) pairs, role-major (``row = role * B + b``). Only the *active* rows are in the
