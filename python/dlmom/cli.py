@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kv_cache import KV_MODES
+    from .kv import KV_MODES
 
     parser = _Parser(
         prog="dlmom", description="Deep-Latent Mixture of Models: several LMs reasoning together in latent space.")

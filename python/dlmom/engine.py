@@ -13,7 +13,7 @@ import torch
 from .controller import CONTROLLERS
 from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts
 from .generation import Generation, GenerationInterrupted
-from .kv_cache import KV_MODES
+from .kv import KV_MODES
 from .packets import NOISES
 from .results import Result
 

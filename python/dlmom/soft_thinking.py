@@ -61,7 +61,7 @@ class SoftThinkingRunner:
         self.prefill_tokens = [0] * len(experts)
         self.shared_prefill_tokens = [0] * len(experts)
         self.decode_tokens = [0] * len(experts)
-        # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); set by each prefill.
+        # KV cache kind for prefill / decode (see dlmom.kv.new_cache); set by each prefill.
         self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
         self.cache, self._peak_cache, self._grid = None, 0, None
         self.batch = 0
@@ -78,14 +78,14 @@ class SoftThinkingRunner:
         return self.active.numel() > 0
 
     def _new_cache(self, kv: str | None = None):
-        from .kv_cache import new_cache
+        from .kv import new_cache
 
         return new_cache(kv or self.kv, self.model.config, group_size=self.kv_group_size,
                          residual_length=self.kv_residual_length)
 
     def cache_nbytes(self) -> int:
         """Bytes the prefill / decode cache holds now (the active rows of all roles)."""
-        from .kv_cache import cache_nbytes
+        from .kv import cache_nbytes
 
         return cache_nbytes(self.cache)
 
