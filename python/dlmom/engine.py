@@ -4,112 +4,41 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
 
 import torch
 
-from .controller import CONTROLLERS
+from .consensus import ConsensusSettings
+from .controller import ControllerSettings
 from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts
 from .generation import Generation, GenerationInterrupted
-from .kv import KV_MODES
-from .packets import NOISES
+from .kv import KVSettings, check_kv_residual
+from .packets import PacketSettings
 from .results import Result
+from .router import RouterSettings
+from .settings import check_fields
+from .soft_thinking import RunnerSettings
 
 __all__ = ["DLMoM", "DLMoMConfig", "Result", "GenerationInterrupted", "check_generate_args"]
 
 
-@dataclasses.dataclass
-class DLMoMConfig:
-    """Settings of the DL-MoM loop, validated on construction.
+@dataclasses.dataclass(kw_only=True)
+class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerSettings, RunnerSettings, KVSettings):
+    """Settings of the DL-MoM loop, validated on construction: one flat class of every layer's settings.
 
-    controller: "swir" (entropy-trend switching), "explicit" (always tokens) or "latent" (packets until
-        max_latent_steps, then tokens). top_k: packet size. temperature, top_p: packet shaping (and
-        sampling when do_sample); the defaults 0.6 / 0.95 are Soft Thinking's. noise: None, "gumbel"
-        (strength = tau) or "dirichlet" (strength = alpha) on latent packets. theta, elect: TIES
-        consensus. top_m: experts the router keeps per prompt (None: all; the others leave the batch).
-        preview_tokens: the router's preview length. block_size, slope_threshold,
-        variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps: the
-        controller (see dlmom.controller). chat: apply each tokenizer's chat template. kv: each expert's
-        KV cache, "full" (transformers' DynamicCache), "kivi" (dlmom.KIVICache: 2-bit keys per channel,
-        values per token, the last kv_residual_length tokens in full precision, groups of kv_group_size),
-        "minicache" (dlmom.MiniCache: adjacent deep layers merged) or "kivi+minicache" (both).
-        share_prefill: roles of one model prefill the prompt prefix they have in common once.
+    Packets (dlmom.packets.PacketSettings): top_k, temperature, top_p, do_sample, noise, noise_strength.
+    Consensus (dlmom.consensus.ConsensusSettings): theta, elect. Router (dlmom.router.RouterSettings): top_m,
+    preview_tokens. Controller (dlmom.controller.ControllerSettings): controller, block_size, slope_threshold,
+    variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps. Runners
+    (dlmom.soft_thinking.RunnerSettings): chat, share_prefill. KV caches (dlmom.kv.KVSettings): kv
+    ("full", "kivi", "minicache" or "kivi+minicache"), kv_group_size, kv_residual_length, kv_merge_start,
+    kv_merge_t, kv_merge_threshold. Each field's help is in its layer's class and in ``dlmom run --help``.
     """
 
-    controller: str = "swir"
-    top_k: int = 16
-    temperature: float = 0.6
-    top_p: float = 0.95
-    do_sample: bool = False
-    noise: str | None = None
-    noise_strength: float | None = None
-    theta: float = 0.0
-    elect: str = "vote"
-    top_m: int | None = None
-    preview_tokens: int = 5
-    block_size: int = 4
-    slope_threshold: float = 0.01
-    variance_threshold: float = 0.01
-    entropy_threshold: float = 0.1
-    start_mode: str = "latent"
-    max_switches: int = 4
-    max_latent_steps: int = 64
-    chat: bool = True
-    kv: str = "full"
-    kv_group_size: int = 32
-    kv_residual_length: int = 128
-    share_prefill: bool = True
-
     def __post_init__(self):
-        def bad(name, expected):
-            raise ValueError(f"DLMoMConfig: {name} must be {expected}, got {getattr(self, name)!r}")
-
-        def integer(name, lo):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                bad(name, f"an integer >= {lo}")
-
-        def number(name, lo, hi=math.inf, lo_open=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > hi or \
-                    (v <= lo if lo_open else v < lo):
-                bad(name, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
-
-        if self.controller not in CONTROLLERS:
-            bad("controller", f"one of {CONTROLLERS}")
-        integer("top_k", 1)
-        number("temperature", 0)
-        number("top_p", 0, 1, lo_open=True)
-        if not isinstance(self.do_sample, bool):
-            bad("do_sample", "True or False")
-        if self.noise not in NOISES:
-            bad("noise", f"one of {NOISES}")
-        if self.noise_strength is not None:
-            number("noise_strength", 0, lo_open=True)
-        number("theta", 0)
-        if self.elect not in ("vote", "mass"):
-            bad("elect", "'vote' or 'mass'")
-        if self.top_m is not None:
-            integer("top_m", 1)
-        integer("preview_tokens", 0)
-        integer("block_size", 1)
-        for name in ("slope_threshold", "variance_threshold", "entropy_threshold"):
-            number(name, 0)
-        if self.start_mode not in ("latent", "explicit"):
-            bad("start_mode", "'latent' or 'explicit'")
-        integer("max_switches", 0)
-        integer("max_latent_steps", 0)
-        for name in ("chat", "share_prefill"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "True or False")
-        if self.kv not in KV_MODES:
-            bad("kv", f"one of {KV_MODES}")
-        integer("kv_group_size", 1)
-        integer("kv_residual_length", 1)
-        if self.kv_residual_length % self.kv_group_size:
-            bad("kv_residual_length", f"a multiple of kv_group_size={self.kv_group_size}")
+        check_fields(self)
+        check_kv_residual(self)
 
 
 def check_generate_args(prompts, max_new_tokens, seed, stop) -> tuple[list[str], list[str]]:

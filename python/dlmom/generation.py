@@ -45,10 +45,7 @@ class Generation:
         self.bridged = moe.bridged
         self.alignments = moe.alignments
         self.transcripts = Transcripts(self.primary.tokenizer, self.batch, eos=self.primary.eos_ids(), stops=stops)
-        self.controller = Controller(self.batch, kind=cfg.controller, block_size=cfg.block_size,
-                                     slope_threshold=cfg.slope_threshold, variance_threshold=cfg.variance_threshold,
-                                     entropy_threshold=cfg.entropy_threshold, max_switches=cfg.max_switches,
-                                     max_latent_steps=cfg.max_latent_steps, start=cfg.start_mode)
+        self.controller = Controller.from_settings(self.batch, cfg)
         self.preview = Preview(self.runners, self.bridged, self.batch, chat=cfg.chat, top_m=cfg.top_m,
                                tokens=cfg.preview_tokens if len(self.experts) > 1 else 0)
         self.weights: torch.Tensor | None = None  # [E, B] consensus weights, set by the router
@@ -91,8 +88,7 @@ class Generation:
 
     def prefill(self) -> list[torch.Tensor]:
         cfg = self.config
-        logits = [runner.prefill(self.prompts, chat=cfg.chat, kv=cfg.kv, kv_group_size=cfg.kv_group_size,
-                                 kv_residual_length=cfg.kv_residual_length, share_prefix=cfg.share_prefill)
+        logits = [runner.prefill(self.prompts, chat=cfg.chat, kv=cfg, share_prefix=cfg.share_prefill)
                   for runner in self.runners]
         self.bus = Bus(self.runners, self.bridged, self.primary, self.alignments)
         return logits

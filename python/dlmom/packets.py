@@ -2,14 +2,35 @@
 latent packet, optionally with Gumbel-softmax or Dirichlet noise (Stochastic Soft Thinking)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from .op_types import Packet
+from .settings import check_fields, setting
 
 NOISES = (None, "gumbel", "dirichlet")
 DEFAULT_NOISE_STRENGTH = {"gumbel": 0.5, "dirichlet": 4.0}  # tau; alpha (Stochastic Soft Thinking)
+
+
+@dataclasses.dataclass(kw_only=True)
+class PacketSettings:
+    """How a step's merged distribution becomes a packet and a token (fields of DLMoMConfig); the defaults
+    0.6 / 0.95 are Soft Thinking's."""
+
+    top_k: int = setting(16, "packet size: the top-k tokens of the merged distribution", integer=True, lo=1)
+    temperature: float = setting(0.6, "packet temperature (0: the one-hot argmax)", number=True, lo=0)
+    top_p: float = setting(0.95, "packet nucleus mass", number=True, lo=0, hi=1, lo_open=True)
+    do_sample: bool = setting(False, "sample explicit tokens from the packet instead of taking its top-1",
+                              flag="--sample")
+    noise: str | None = setting(None, "noise on latent packets: gumbel (Gumbel-softmax) or dirichlet",
+                                choices=NOISES)
+    noise_strength: float | None = setting(None, "the noise's tau (gumbel, default 0.5) or alpha (dirichlet, "
+                                           "default 4)", number=True, lo=0, lo_open=True, optional=True)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def add_noise(probs: torch.Tensor, kind: str, strength: float, rng: torch.Generator) -> torch.Tensor:

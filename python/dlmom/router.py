@@ -7,16 +7,51 @@ every expert scores that text conditioned on the prompt, in bits per byte
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+
+from .settings import check_fields, setting
+
+
+@dataclasses.dataclass(kw_only=True)
+class RouterSettings:
+    """The router (fields of DLMoMConfig)."""
+
+    top_m: int | None = setting(None, "experts the router keeps per prompt after the preview (default: all); the "
+                                "others leave the batch", integer=True, lo=1, optional=True)
+    preview_tokens: int = setting(5, "the router's preview length in tokens (with more than one expert)",
+                                  integer=True, lo=0)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def score(runners, prompts: list[str], previews: list[str], *, chat: bool) -> torch.Tensor:
     """[E, B] bits per byte of each preview under each expert (runners' roles in order), teacher-forced.
     The engine uses this for experts with another tokenizer; experts on its own vocabulary are scored
     from the log-probabilities of the preview steps themselves (no extra forward)."""
-    return torch.cat([runner.bits_per_byte(prompts, previews, chat=chat) for runner in runners], dim=0)
+    return torch.cat([bits_per_byte(runner, prompts, previews, chat=chat) for runner in runners], dim=0)
+
+
+def bits_per_byte(runner, prompts: list[str], continuations: list[str], *, chat: bool) -> torch.Tensor:
+    """[R, B]: -log2 p(continuation | prompt) per byte of continuation text, for every role of ``runner``,
+    teacher-forced. Per byte, not per token: comparable across tokenizers."""
+    rows, spans = [], []
+    for e in runner.experts:
+        for p, text in zip(prompts, continuations):
+            tail = runner.tokenizer.encode(text, add_special_tokens=False)
+            rows.append(e.prompt_ids(p, chat=chat) + tail)
+            spans.append(len(tail))
+    # Only the positions that predict a continuation token: the prompt's logits would be [N, L, V].
+    keep = max(spans) + 1
+    logits, ids = runner.teacher_forced(rows, keep)  # [N, keep, V], [N, L]
+    targets = ids[:, ids.shape[1] - keep + 1:, None]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets)[..., 0]  # [N, keep-1]
+    bits = [-float(logp[i, keep - 1 - n:].sum()) / math.log(2) if n else 0.0 for i, n in enumerate(spans)]
+    nbytes = [max(len(t.encode()), 1) for t in continuations] * runner.roles
+    return (torch.tensor(bits) / torch.tensor(nbytes, dtype=torch.float32)).view(runner.roles, -1)
 
 
 def select(bpb: torch.Tensor, top_m: int | None) -> tuple[torch.Tensor, torch.Tensor]:

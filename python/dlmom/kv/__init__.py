@@ -52,7 +52,11 @@ O(sequence) restoring.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from transformers.cache_utils import Cache
+
+from ..settings import check_fields, setting
 
 from .caches import KIVICache, MiniCache
 from .layers import KIVILayer, MiniCacheLayer
@@ -61,8 +65,42 @@ from .stores import nbytes_of
 
 KV_MODES = ("full", "kivi", "minicache", "kivi+minicache")
 
-__all__ = ["KV_MODES", "new_cache", "cache_nbytes", "KIVICache", "MiniCache", "KIVILayer", "MiniCacheLayer",
+__all__ = ["KV_MODES", "KVSettings", "new_cache", "cache_nbytes", "KIVICache", "MiniCache", "KIVILayer", "MiniCacheLayer",
            "merge_states", "MERGE_T", "MERGE_THRESHOLD"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class KVSettings:
+    """The experts' KV caches (fields of DLMoMConfig)."""
+
+    kv: str = setting("full", "each expert's KV cache: full (DynamicCache), kivi (2-bit keys per channel, values "
+                      "per token), minicache (adjacent deep layers merged) or kivi+minicache", choices=KV_MODES)
+    kv_group_size: int = setting(32, "KIVI: elements per quantisation group", integer=True, lo=1)
+    kv_residual_length: int = setting(128, "KIVI / MiniCache: newest tokens kept in full precision (KIVI: a "
+                                      "multiple of kv_group_size)", integer=True, lo=1)
+    kv_merge_start: int | None = setting(None, "MiniCache: the first merged layer (default: mid-depth)",
+                                         integer=True, lo=0, optional=True)
+    kv_merge_t: float = setting(MERGE_T, "MiniCache: SLERP weight of the deeper layer's direction", number=True,
+                                lo=0, hi=1)
+    kv_merge_threshold: float = setting(MERGE_THRESHOLD, "MiniCache: angle / pi past which a token pair stays "
+                                        "unmerged", number=True, lo=0, hi=1)
+
+    def __post_init__(self):
+        check_fields(self)
+        check_kv_residual(self)
+
+    def new_cache(self, config, kind: str | None = None) -> Cache:
+        """A fresh cache of these settings (of ``kind`` instead of ``kv`` when given) for a model's config."""
+        return new_cache(kind or self.kv, config, group_size=self.kv_group_size,
+                         residual_length=self.kv_residual_length, merge_start=self.kv_merge_start,
+                         merge_t=self.kv_merge_t, merge_threshold=self.kv_merge_threshold)
+
+
+def check_kv_residual(settings) -> None:
+    """kv_residual_length must be a whole number of KIVI groups (key blocks are whole groups of tokens)."""
+    if settings.kv_residual_length % settings.kv_group_size:
+        raise ValueError(f"{type(settings).__name__}: kv_residual_length must be a multiple of kv_group_size="
+                         f"{settings.kv_group_size}, got {settings.kv_residual_length!r}")
 
 
 def new_cache(kv: str, config, *, group_size: int = 32, residual_length: int = 128, merge_start: int | None = None,
