@@ -1,6 +1,8 @@
 """`dlmom run` and `dlmom info` as a user meets them: exit codes, stdout vs stderr, one-line errors."""
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -19,9 +21,17 @@ def model_folder(tmp_path_factory):
     return str(folder)
 
 
-def dlmom(*args, timeout=300):
+def dlmom(*args, timeout=300, **env):
     return subprocess.run([sys.executable, "-m", "dlmom", *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error", **env))
+
+
+def error_line(done):
+    """The one line a failed run prints (progress bars aside), after checking there is exactly one."""
+    assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("dlmom") and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
 
 
 def test_run_json_prints_only_json(model_folder):
@@ -80,3 +90,56 @@ def test_help_explains_every_option():
 def test_info_json():
     done = dlmom("info", "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["cpu_kernels"] is True
+
+
+@pytest.fixture
+def not_models(tmp_path, model_folder):
+    """Things a user may pass as an expert that are not models."""
+    from test_loading import write_tiny_gguf
+
+    (tmp_path / "x.gguf").write_text("a text file, not a model\n")
+    write_tiny_gguf(tmp_path / "whole.gguf")
+    data = (tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("my notes")
+    (tmp_path / "cut-model").mkdir()
+    for f in pathlib.Path(model_folder).iterdir():
+        data = f.read_bytes()
+        (tmp_path / "cut-model" / f.name).write_bytes(data[:len(data) // 2] if f.suffix == ".safetensors" else data)
+    return tmp_path
+
+
+@pytest.mark.parametrize("expert, message", [
+    ("x.gguf", "expert 'x.gguf': not a GGUF file (its magic bytes are b'a te'"),
+    ("cut.gguf", "expert 'cut.gguf': GGUF file truncated"),
+    ("notes", "expert 'notes': folder has no config.json — not a transformers model folder"),
+    ("cut-model", "expert 'cut-model': model.safetensors is truncated"),
+    ("my_model", "expert 'my_model': no such local file or folder, and the model hub (http://127.0.0.1:9) is "
+                 "unreachable"),
+    ("models/foo", "expert 'models/foo': no such local file or folder, and the model hub (http://127.0.0.1:9) is "
+                   "unreachable"),
+])
+def test_expert_that_is_not_a_model_is_one_line_naming_it(expert, message, not_models, tmp_path):
+    import time
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dlmom", "run", "hi", "--experts", expert, "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=not_models,
+                          env=dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"),
+                                   DLMOM_CACHE=str(tmp_path / "cache")))
+    assert message in error_line(done)
+    assert time.perf_counter() - start < 60  # no retries against an unreachable hub
+
+
+def test_hub_id_from_the_hub_cache_loads_while_the_hub_is_unreachable(model_folder, tmp_path):
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny--llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots").mkdir()
+    shutil.copytree(model_folder, repo / "snapshots" / revision)
+    done = dlmom("run", "What is 12 * 7?", "--experts", "tiny/llama", "--max-new-tokens", "3", "--json",
+                 HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["usage"]["experts"][0]["expert"] == "tiny/llama"

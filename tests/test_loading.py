@@ -229,3 +229,133 @@ def test_unwritable_cache_is_named(tiny_gguf, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="DLMOM_CACHE") as err:
         ex.load_pretrained(tiny_gguf[0])
     assert str(blocker / "cache") in str(err.value)
+
+
+# ---- files and folders that are not models: one clear error naming the path and what is wrong ----
+
+@pytest.fixture
+def model_folder(tmp_path, model, tok):
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def load_error(spec):
+    """The exception load_pretrained raises for ``spec``, checked to be a one-line error naming it."""
+    with pytest.raises((ValueError, OSError)) as err:
+        ex.load_pretrained(spec)
+    message = str(err.value)
+    assert message.startswith(f"expert {str(spec)!r}: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("content", [b"hello", b"", b"GGU", b"PK\x03\x04 a zip file"])
+def test_a_file_named_gguf_that_is_not_one(tmp_path, content, cache):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    message = load_error(path)
+    assert "not a GGUF file" in message and "magic" in message
+    assert entries(cache) == []
+
+
+@pytest.mark.parametrize("keep", [4, 16, 100, 2000, "half", "minus1"])
+def test_a_cut_gguf_file_is_named_truncated(tiny_gguf, tmp_path, keep, cache):
+    data = tiny_gguf[0].read_bytes()
+    keep = {"half": len(data) // 2, "minus1": len(data) - 1}.get(keep, keep)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:keep])
+    assert "truncated" in load_error(path)
+    assert entries(cache) == []
+
+
+def test_check_gguf_accepts_the_tiny_and_rejects_a_bad_version(tiny_gguf, tmp_path):
+    assert ex.check_gguf(tiny_gguf[0]) is None
+    data = bytearray(tiny_gguf[0].read_bytes())
+    data[4:8] = (99).to_bytes(4, "little")
+    path = tmp_path / "v99.gguf"
+    path.write_bytes(bytes(data))
+    assert "version 99" in ex.check_gguf(path)
+
+
+def test_a_gguf_file_under_another_name_is_loaded(tiny_gguf, tmp_path, cache):
+    path = tmp_path / "MODEL.GGUF"
+    path.write_bytes(tiny_gguf[0].read_bytes())
+    model, tok = ex.load_pretrained(path)
+    torch.testing.assert_close(logits(model, tok), logits(tiny_gguf[1], tiny_gguf[2]))
+
+
+def test_a_folder_that_is_not_a_model(tmp_path, model_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "folder has no config.json" in load_error(empty) and "not a transformers model folder" in \
+        load_error(empty)
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{garbage")
+    assert "config.json is not valid JSON" in load_error(bad_config)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((model_folder / "config.json").read_text())
+    assert "no weights" in load_error(no_weights)
+
+
+def test_a_folder_with_a_truncated_safetensors_file(model_folder):
+    weights = model_folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 3)
+    message = load_error(model_folder)
+    assert "model.safetensors" in message and "truncated" in message
+
+
+def test_a_folder_without_a_tokenizer(model_folder):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_folder / name).unlink()
+    assert "tokenizer" in load_error(model_folder)
+
+
+def test_a_loaded_folder_still_works(model_folder, model, tok):
+    loaded, loaded_tok = ex.load_pretrained(model_folder)
+    torch.testing.assert_close(logits(loaded, loaded_tok), logits(model, tok))
+
+
+def test_other_things_that_are_not_models(tmp_path, model_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "empty" in load_error("")
+    assert "pass the folder" in load_error(model_folder / "model.safetensors")
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "nowhere")
+    assert "broken symbolic link" in load_error(link)
+    assert "no such file or folder" in load_error("./my_model")
+    assert "no such file or folder" in load_error("some/deep/folder")
+    assert "no such GGUF file" in load_error("nowhere.gguf")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A model hub that refuses connections at once, and an empty hub cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize("spec", ["my_model", "models/foo"])
+def test_a_missing_folder_that_looks_like_a_hub_id_fails_fast(spec, offline_hub, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    message = load_error(spec)
+    assert time.perf_counter() - start < 15  # one attempt, not transformers' retries with back-off
+    assert "no such local file or folder" in message and "unreachable" in message and "127.0.0.1:9" in message
+    assert "local model folder or .gguf file" in message
+
+
+def test_hub_offline_names_hf_hub_offline(offline_hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE" in load_error("org/model")

@@ -10,11 +10,13 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import re
 import shutil
 import socket
+import struct
 import warnings
 
 import torch
@@ -301,7 +303,7 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
                           f"({err}); free space there or set DLMOM_CACHE to another folder") from err
         except Exception as err:
             raise ValueError(f"expert {str(path)!r}: transformers could not convert this GGUF file "
-                             f"({type(err).__name__}: {err})") from err
+                             f"({_one_line(err)})") from err
         try:
             _write_manifest(tmp)
             _fsync_tree(tmp)
@@ -316,27 +318,264 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
     return folder
 
 
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by value type
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _Short(Exception):
+    pass
+
+
+def check_gguf(path: str | os.PathLike) -> str | None:
+    """Why the file at ``path`` is not a complete GGUF file, or None when it is one: the magic bytes, the
+    version, and a walk over the header (metadata and tensor descriptions) whose tensor sizes and offsets
+    give the size the file must have. Reads the header only (a fraction of a second)."""
+    import mmap
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                return f"not a GGUF file (its magic bytes are {magic!r}, a GGUF file starts with b'GGUF')"
+            if size < 24:
+                return f"truncated: {size} bytes, shorter than a GGUF header"
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        return f"unreadable: {err}"
+    with data:
+        pos = 4
+
+        def take(fmt: str):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > size:
+                raise _Short
+            value = struct.unpack_from(fmt, data, pos)
+            pos += n
+            return value[0]
+
+        def skip(n: int):
+            nonlocal pos
+            if pos + n > size:
+                raise _Short
+            pos += n
+
+        def string() -> bytes:
+            n = take("<Q")
+            skip(n)
+            return data[pos - n:pos]
+
+        def value(kind: int):
+            if kind in _GGUF_SCALAR_BYTES:
+                skip(_GGUF_SCALAR_BYTES[kind])
+                return data[pos - _GGUF_SCALAR_BYTES[kind]:pos]
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, count = take("<I"), take("<Q")
+                if item in _GGUF_SCALAR_BYTES:
+                    skip(count * _GGUF_SCALAR_BYTES[item])
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None
+            raise ValueError(f"metadata value type {kind} is not a GGUF type")
+
+        try:
+            version = take("<I")
+            if version not in (2, 3):
+                return f"GGUF version {version} is not supported (expected 2 or 3; a big-endian file?)"
+            n_tensors, n_kv = take("<Q"), take("<Q")
+            if n_tensors > size or n_kv > size:
+                return f"damaged: its header counts {n_tensors} tensors and {n_kv} metadata entries in {size} bytes"
+            alignment = 32
+            for _ in range(n_kv):
+                key = string()
+                kind = take("<I")
+                raw = value(kind)
+                if key == b"general.alignment" and kind == 4:
+                    alignment = int.from_bytes(raw, "little") or 32
+            end = 0
+            for _ in range(n_tensors):
+                name = string().decode("utf-8", "replace")
+                n_dims = take("<I")
+                if n_dims > 8:
+                    return f"damaged: tensor {name!r} has {n_dims} dimensions"
+                elements = math.prod(take("<Q") for _ in range(n_dims))
+                ggml_type, offset = take("<I"), take("<Q")
+                try:
+                    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+                except (ValueError, KeyError):
+                    return f"tensor {name!r} has tensor type {ggml_type}, unknown to the gguf package"
+                end = max(end, offset + elements // block * block_bytes)
+            data_start = -(-pos // alignment) * alignment
+        except _Short:
+            return f"truncated: {size} bytes, it ends inside its header"
+        except ValueError as err:
+            return f"damaged: {err}"
+    if size < data_start + end:
+        return f"truncated: {size} bytes, its header describes {data_start + end}"
+    return None
+
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _folder_problem(folder: pathlib.Path) -> str | None:
+    """Why ``folder`` is not a loadable transformers model folder, or None (tokenizer files are left to
+    transformers: they come in too many forms)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        hint = ""
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        if ggufs:
+            hint = f" (it holds {ggufs[0]!r}: pass that file)"
+        return f"folder has no config.json — not a transformers model folder{hint}"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"its config.json is not valid JSON ({err})"
+    except OSError as err:
+        return f"its config.json is unreadable ({err})"
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHTS):
+        return "folder has no weights (no *.safetensors or pytorch_model*.bin file)"
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"its {index.name} is not a valid shard index ({err})"
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            return f"{missing[0]} (listed in {index.name}) is missing"
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = check_safetensors(weights)
+        if problem:
+            return f"{weights.name} is {problem}"
+    return None
+
+
+_HUB_TIMEOUT_S = 10.0
+
+
+def _hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached (one request, no retries), or None when it answers."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_TIMEOUT_S)
+    except Exception as err:  # whatever the HTTP library raises: the reason goes into the error message
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where an expert comes from: kind "gguf" (a file), "folder", or "hub" (an id; ``local_files_only``
+    when it is taken from the hub cache because the hub is offline)."""
+
+    kind: str
+    location: str | pathlib.Path
+    local_files_only: bool = False
+
+
+def locate(spec: str | os.PathLike) -> Source:
+    """What ``spec`` (a hub id, a model folder or a GGUF file) names, checked without loading a model:
+    a GGUF file's header and size, a folder's config.json and weights, a hub id's reachability (one request;
+    offline, a hub id is taken from the hub cache when it is there). Raises FileNotFoundError, ValueError or
+    ConnectionError with one line ``expert '<spec>': <what is wrong>``."""
+    text = os.fspath(spec)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    name = f"expert {text!r}"
+    if not text.strip():
+        raise ValueError(f"{name}: an empty name is not a model (expected a hub id, a model folder or a .gguf file)")
+    path = pathlib.Path(text).expanduser()
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError as err:
+        raise OSError(f"{name}: cannot look at it ({err})") from err
+    if is_file:
+        problem = check_gguf(path)
+        if problem is None:
+            return Source("gguf", path)
+        if problem.startswith("not a GGUF file") and not text.lower().endswith(".gguf"):
+            if path.suffix in (".safetensors", ".bin", ".json"):
+                raise ValueError(f"{name}: a {path.suffix} file is one part of a model: pass the folder that "
+                                 f"holds it with its config.json and tokenizer")
+            raise ValueError(f"{name}: a file that is not a model ({problem}); pass a .gguf file, a model folder "
+                             f"or a hub id")
+        raise ValueError(f"{name}: {problem if problem.startswith('not a GGUF') else 'GGUF file ' + problem}")
+    if is_dir:
+        problem = _folder_problem(path)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
+        return Source("folder", path)
+    if path.is_symlink():
+        raise FileNotFoundError(f"{name}: a broken symbolic link (to {os.readlink(path)!r})")
+    if path.exists():
+        raise ValueError(f"{name}: neither a file nor a folder")
+    if text.lower().endswith(".gguf"):
+        raise FileNotFoundError(f"{name}: no such GGUF file")
+    if not _HUB_ID.fullmatch(text) or text.startswith("."):
+        raise FileNotFoundError(f"{name}: no such file or folder (and not a hub id like org/name)")
+    return _hub_source(text)
+
+
+def _hub_source(repo_id: str) -> Source:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    name = f"expert {repo_id!r}"
+    fix = "pass the path of a local model folder or .gguf file instead"
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError as err:  # huggingface_hub's check of the id
+        raise ValueError(f"{name}: no such local file or folder, and not a valid hub id ({err})") from None
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return Source("hub", repo_id, local_files_only=True)
+        raise FileNotFoundError(f"{name}: no such local file or folder, and HF_HUB_OFFLINE is set and the hub cache "
+                                f"has no such model; {fix}")
+    reason = _hub_unreachable()
+    if reason is None:
+        return Source("hub", repo_id)
+    if cached:
+        return Source("hub", repo_id, local_files_only=True)
+    raise ConnectionError(f"{name}: no such local file or folder, and the model hub ({constants.ENDPOINT}) is "
+                          f"unreachable ({reason}), so it cannot be downloaded as a hub id; {fix}")
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception as one line: its type and its message with the lines joined (cut at ``limit``)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
+
+
 def load_pretrained(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a hub id, a local folder, or a .gguf file."""
+    """(model, tokenizer) from a hub id, a local folder, or a GGUF file. Errors (FileNotFoundError,
+    ValueError, ConnectionError, OSError) are one line that names ``spec`` and what is wrong (see locate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = pathlib.Path(spec)
-    if str(spec).endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"expert {str(spec)!r}: no such GGUF file")
-        folder = _converted_gguf(path, dtype)
-    elif path.is_dir():
-        folder = path
-    elif _HUB_ID.fullmatch(str(spec)) and not str(spec).startswith("."):
-        folder = str(spec)
-    else:
-        raise FileNotFoundError(f"expert {str(spec)!r}: no such file or folder (and not a hub id like org/name)")
+    source = locate(spec)
+    name = f"expert {os.fsdecode(os.fspath(spec))!r}"
+    where = source.location
+    if source.kind == "gguf":
+        where = _converted_gguf(source.location, dtype)
+    kwargs = {"local_files_only": True} if source.local_files_only else {}
+    what = {"gguf": f"the converted GGUF file in {where}", "folder": "the folder",
+            "hub": "the hub cache" if source.local_files_only else "the model hub"}[source.kind]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except OSError as err:
-        raise FileNotFoundError(f"expert {str(spec)!r} could not be loaded (not a local folder or GGUF file, "
-                                f"and the model hub is unreachable or has no such model): {err}") from None
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as err:  # transformers raises many types for a bad tokenizer: name the part that failed
+        raise ValueError(f"{name}: no tokenizer could be loaded from {what} ({_one_line(err)})") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except Exception as err:
+        raise ValueError(f"{name}: no causal language model could be loaded from {what} "
+                         f"({_one_line(err)})") from err
     model.to(device).eval()
     return model, tokenizer
 
