@@ -143,3 +143,50 @@ def test_hub_id_from_the_hub_cache_loads_while_the_hub_is_unreachable(model_fold
                  HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)[0]["usage"]["experts"][0]["expert"] == "tiny/llama"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "banana"], "argument --device: device 'banana': not a torch device"),
+    (["--device", "cuda:99"], "argument --device: device 'cuda:99': cuda"),
+    (["--device", "meta"], "argument --device: device 'meta': meta tensors hold no data"),
+    (["--seed", str(2 ** 70)], f"argument --seed: seed must be an integer in [0, 2**64) or None, got {2 ** 70}"),
+    (["--seed", "-1"], "argument --seed: seed must be an integer in [0, 2**64)"),
+    (["--expert", "1", "--method", "single"], "argument --expert: an index in [0, 0] (1 expert), got 1"),
+    (["--expert", "-1", "--method", "single"], "argument --expert: an index in [0, 0] (1 expert), got -1"),
+    (["--expert", "0"], "argument --expert: only --method single runs one expert, got --method dlmom"),
+    (["--top-k", "0"], "argument --top-k: top_k must be an integer >= 1, got 0"),
+    (["--temperature", "nan"], "argument --temperature: temperature must be a number in [0, inf], got nan"),
+    (["--top-m", "0"], "argument --top-m: top_m must be an integer >= 1, got 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: max_new_tokens must be an integer >= 1, got 0"),
+    (["--stop", "</s>", ""], "argument --stop: stop string 2 is empty"),
+    (["--experts", "MODEL", "nowhere.gguf"], "expert 'nowhere.gguf': no such GGUF file"),
+    (["--experts", "MODEL", "./nowhere"], "expert './nowhere': no such file or folder"),
+] + ([] if __import__("torch").cuda.is_available() else [
+    (["--device", "cuda"], "argument --device: device 'cuda': cuda is not available"),
+]))
+def test_bad_arguments_are_named_before_any_model_loads(args, message, model_folder):
+    args = [model_folder if a == "MODEL" else a for a in args]
+    done = dlmom("run", "hi", "--max-new-tokens", "2", *args, *([] if "--experts" in args else
+                                                                 ["--experts", model_folder]))
+    assert message in error_line(done)
+    assert "loading" not in done.stderr  # refused before the experts' progress bar started
+
+
+@pytest.mark.parametrize("args, message", [
+    ([b"caf\xe9?"], "argument PROMPT: prompt 1 is not valid UTF-8 (byte 0xe9 at character 3)"),
+    ([b"hi", b"\xff\xfeok"], "argument PROMPT: prompt 2 is not valid UTF-8 (bytes 0xff 0xfe at character 0)"),
+    ([b"hi", b"--stop", b"\xff"], "argument --stop: stop string 1 is not valid UTF-8 (byte 0xff at character 0)"),
+])
+def test_prompt_bytes_that_are_not_utf8(args, message, model_folder):
+    done = subprocess.run([sys.executable.encode(), b"-m", b"dlmom", b"run", *args, b"--experts",
+                           model_folder.encode(), b"--max-new-tokens", b"2"], capture_output=True, timeout=300,
+                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error", LC_ALL="C.UTF-8"))
+    done = subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+    assert message in error_line(done)
+    assert "loading" not in done.stderr
+
+
+def test_empty_prompt_is_refused_before_any_model_loads(model_folder):
+    done = dlmom("run", "hi", "", "--experts", model_folder, "--max-new-tokens", "2")
+    assert "argument PROMPT: prompt 2 is empty" in error_line(done)
+    assert "loading" not in done.stderr

@@ -3,6 +3,7 @@ files and folders that are not models. Tiny models only: a GGUF file is written 
 package from a tiny random Llama, so the real transformers conversion runs in a second."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -359,3 +360,58 @@ def test_hub_offline_names_hf_hub_offline(offline_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert "HF_HUB_OFFLINE" in load_error("org/model")
+
+
+# ---- arguments of the wrong kind: one clear error naming the argument ----
+
+def test_a_string_where_a_tokenizer_belongs(model, tok):
+    from dlmom import DLMoM, Expert
+
+    with pytest.raises(ValueError, match=r"tokenizer must be a transformers tokenizer, got the string 'gpt2'.*"
+                                         r"AutoTokenizer\.from_pretrained\('gpt2'\)"):
+        Expert(model, "gpt2")
+    with pytest.raises(ValueError, match=r"^experts\[1\]: tokenizer must be a transformers tokenizer, got the "
+                                         r"string 'tok'"):
+        DLMoM([(model, tok), (model, "tok")])
+    with pytest.raises(ValueError, match=r"model must be a loaded transformers causal LM, got the string 'gpt2'"):
+        Expert("gpt2", tok)
+    with pytest.raises(ValueError, match=r"tokenizer must be a transformers tokenizer, got Tokenizer \(it has no "
+                                         r"convert_ids_to_tokens, __len__\)"):
+        Expert(model, tok.backend_tokenizer)  # the tokenizers library's object, not transformers'
+    with pytest.raises(ValueError, match="name must be a string, got int 5"):
+        Expert(model, tok, name=5)
+    with pytest.raises(ValueError, match="system_prompt must be a string or None, got list"):
+        Expert(model, tok, system_prompt=["You are a solver."])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "not a torch device"),
+    ("cuda:-1", "not a torch device"),
+    ("cuda:99", "cuda"),
+    ("meta", "meta tensors hold no data"),
+    ("privateuseone", "not available"),
+    (["cpu"], "not a torch device"),
+])
+def test_check_device_names_the_device_and_the_problem(device, message):
+    with pytest.raises(ValueError, match="^" + re.escape(f"device {device!r}: ")) as err:
+        ex.check_device(device)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_check_device_cuda_without_cuda():
+    with pytest.raises(ValueError, match="^device 'cuda': cuda is not available") as err:
+        ex.check_device("cuda")
+    assert ("built without CUDA" in str(err.value)) == (torch.version.cuda is None)
+
+
+def test_check_device_accepts_usable_devices():
+    assert ex.check_device("cpu") == torch.device("cpu")
+    assert ex.check_device(torch.device("cpu")) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert ex.check_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_load_pretrained_checks_the_device_first(model_folder):
+    with pytest.raises(ValueError, match="^device 'cuda:99': "):
+        ex.load_pretrained(model_folder, device="cuda:99")

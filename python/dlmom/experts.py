@@ -42,10 +42,24 @@ class Expert:
     system_prompt: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.model, (str, bytes, os.PathLike)):
+            raise ValueError(f"Expert: model must be a loaded transformers causal LM, got the string {str(self.model)!r}; "
+                             f"pass a hub id, folder or .gguf path alone as an expert (DLMoM([{str(self.model)!r}])) "
+                             f"or load it with dlmom.experts.load_pretrained")
         if not hasattr(self.model, "get_input_embeddings") or not callable(self.model):
             raise ValueError(f"Expert: model must be a transformers causal LM, got {type(self.model).__name__}")
-        if not callable(getattr(self.tokenizer, "encode", None)):
-            raise ValueError(f"Expert: tokenizer must be a transformers tokenizer, got {type(self.tokenizer).__name__}")
+        tok = self.tokenizer
+        if isinstance(tok, (str, bytes, os.PathLike)):
+            raise ValueError(f"Expert: tokenizer must be a transformers tokenizer, got the string {str(tok)!r}; load "
+                             f"it first: AutoTokenizer.from_pretrained({str(tok)!r})")
+        missing = [m for m in ("encode", "decode", "convert_ids_to_tokens", "__len__") if not callable(getattr(tok, m, None))]
+        if missing:
+            raise ValueError(f"Expert: tokenizer must be a transformers tokenizer, got {type(tok).__name__} (it has no "
+                             f"{', '.join(missing)})")
+        if not isinstance(self.name, str):
+            raise ValueError(f"Expert: name must be a string, got {type(self.name).__name__} {self.name!r}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"Expert: system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
         if not self.name:
             self.name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
 
@@ -554,11 +568,40 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
     return f"{type(err).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, after checking that torch knows it and that its backend is usable here;
+    ValueError ``device '<device>': <what is wrong>`` otherwise."""
+    name = f"device {device!r}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}: not a torch device (expected cpu, cuda, cuda:N, mps, xpu, ...)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ValueError(f"{name}: meta tensors hold no data, a model there cannot run (use cpu or cuda)")
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        why = f"torch {torch.__version__} has no usable {dev.type} backend here"
+        if dev.type == "cuda":
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = (f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None and
+                   torch.version.hip is None else "no CUDA GPU is visible" +
+                   (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
+        raise ValueError(f"{name}: {dev.type} is not available: {why}")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"{name}: there is no {dev.type} device {dev.index} ({count()} visible)")
+    return dev
+
+
 def load_pretrained(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a hub id, a local folder, or a GGUF file. Errors (FileNotFoundError,
     ValueError, ConnectionError, OSError) are one line that names ``spec`` and what is wrong (see locate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     source = locate(spec)
     name = f"expert {os.fsdecode(os.fspath(spec))!r}"
     where = source.location
@@ -593,7 +636,10 @@ def as_expert(item, index: int) -> Expert:
     if isinstance(item, Expert):
         return item
     if isinstance(item, tuple) and len(item) == 2:
-        return Expert(item[0], item[1])
+        try:
+            return Expert(item[0], item[1])
+        except ValueError as err:  # name the pair in the list
+            raise ValueError(f"experts[{index}]: {str(err).removeprefix('Expert: ')}") from None
     if isinstance(item, (str, os.PathLike)):
         model, tokenizer = load_pretrained(item)
         return Expert(model, tokenizer, name=pathlib.Path(item).name if str(item).endswith(".gguf") else str(item))
