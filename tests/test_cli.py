@@ -190,3 +190,72 @@ def test_empty_prompt_is_refused_before_any_model_loads(model_folder):
     done = dlmom("run", "hi", "", "--experts", model_folder, "--max-new-tokens", "2")
     assert "argument PROMPT: prompt 2 is empty" in error_line(done)
     assert "loading" not in done.stderr
+
+
+# ---- Ctrl-C: one line, exit 130, the answer so far on stderr ----
+
+class Interrupted(KeyboardInterrupt):
+    """What DLMoM.generate raises on Ctrl-C (dlmom.engine.GenerationInterrupted): the partial answers."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.texts = texts
+
+
+def test_ctrl_c_while_decoding_prints_the_partial_answers_to_stderr(model_folder, monkeypatch, capsys):
+    from dlmom import cli
+    from dlmom.engine import DLMoM
+
+    def generate(self, prompts, **kwargs):
+        raise Interrupted([f"partial answer to {p}" for p in prompts])
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    assert cli.main(["run", "What is 12 * 7?", "Add 3 to 5.", "--experts", model_folder, "--quiet"]) == 130
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-5:] == ["### What is 12 * 7?", "partial answer to What is 12 * 7?", "### Add 3 to 5.",
+                                "partial answer to Add 3 to 5.",
+                                "dlmom: interrupted (Ctrl-C); the answer so far is above"]
+
+
+def test_ctrl_c_while_loading_is_one_line(model_folder, monkeypatch, capsys):
+    from dlmom import cli
+    from dlmom.engine import DLMoM
+
+    def from_pretrained(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DLMoM, "from_pretrained", from_pretrained)
+    assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 130
+    assert capsys.readouterr() == ("", "dlmom: interrupted (Ctrl-C)\n")
+
+
+def test_sigint_ends_a_run_with_130_and_no_traceback(model_folder):
+    import select
+    import signal
+    import time
+
+    # Latent steps never end at EOS: the run lasts until it is interrupted.
+    proc = subprocess.Popen([sys.executable, "-m", "dlmom", "run", "What is 12 * 7?", "--experts", model_folder,
+                             "--controller", "latent", "--max-latent-steps", "1000000", "--max-new-tokens", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"),
+                            # a test runner started in the background may ignore SIGINT; the run must not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        err, deadline = b"", time.monotonic() + 240
+        while b"decoding" not in err:  # the decoding progress bar: generate has started
+            assert proc.poll() is None and time.monotonic() < deadline, err.decode()
+            if select.select([proc.stderr], [], [], 1)[0]:
+                err += os.read(proc.stderr.fileno(), 1 << 16)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stderr = (err + rest).decode()
+    assert proc.returncode == 130, stderr
+    assert out == b"" and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
+    assert lines[-1].startswith("dlmom: interrupted (Ctrl-C)"), stderr
+    assert sum(line.startswith("dlmom:") for line in lines) == 1, stderr

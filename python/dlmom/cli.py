@@ -183,10 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar, so what is printed next starts on a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    """Ctrl-C: the answers so far (when generate handed them over) on stderr, one line saying so, exit 130."""
+    _close_progress_bars()
+    texts = getattr(err, "texts", None)  # dlmom.engine.GenerationInterrupted; a plain KeyboardInterrupt has none
+    if texts:
+        prompts = getattr(args, "prompts", [])
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"### {prompts[i] if i < len(prompts) else i + 1}", file=sys.stderr)
+            print(text, file=sys.stderr)
+        print("dlmom: interrupted (Ctrl-C); the answer so far is above", file=sys.stderr)
+    else:
+        print("dlmom: interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        return _interrupted(args, err)
     except (ValueError, ImportError, OSError, RuntimeError) as err:
         print(f"dlmom: error: {err}", file=sys.stderr)
         return 2
