@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -23,26 +24,83 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+# The DLMoMConfig field or generate argument each option sets, for errors that name the option.
+_OPTION_OF = {"prompts": "PROMPT", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "stop": "--stop",
+              "controller": "--controller", "top_k": "--top-k", "temperature": "--temperature", "top_p": "--top-p",
+              "do_sample": "--sample", "noise": "--noise", "theta": "--theta", "top_m": "--top-m",
+              "max_latent_steps": "--max-latent-steps", "chat": "--no-chat", "kv": "--kv"}
+
+
+def _blame(err: ValueError) -> str:
+    """A library's ValueError about a config field or generate argument, as an error naming the option."""
+    message = str(err).removeprefix("DLMoMConfig: ")
+    field = re.match(r"\w+", message)
+    option = _OPTION_OF.get(field.group()) if field else None
+    return f"argument {option}: {message}" if option else message
+
+
+def _check_texts(option: str, what: str, texts: list[str]) -> None:
+    """Command-line text is UTF-8 and not empty: undecodable bytes arrive as lone surrogates (PEP 383)."""
+    for i, text in enumerate(texts, 1):
+        if not text:
+            raise ValueError(f"argument {option}: {what} {i} is empty")
+        bad = re.search(r"[\ud800-\udfff]+", text)
+        if bad:
+            raw = [ord(c) - 0xDC00 for c in bad.group() if 0xDC80 <= ord(c) <= 0xDCFF]
+            shown = (f"byte{'s' if len(raw) > 1 else ''} " + " ".join(f"0x{b:02x}" for b in raw) if raw
+                     else f"{bad.group()!r}")
+            raise ValueError(f"argument {option}: {what} {i} is not valid UTF-8 ({shown} at character {bad.start()})")
+
+
+def _check_before_loading(args: argparse.Namespace):
+    """Every argument that can be checked without a model, checked before one loads (loading takes seconds
+    to minutes). Returns (config, torch dtype, device)."""
     import torch
 
-    from . import baselines
-    from .engine import DLMoM, DLMoMConfig
+    from .engine import DLMoMConfig, check_generate_args
+    from .experts import DEFAULT_MODEL_HUB_ID, DEFAULT_ROLES, check_device, default_gguf_path, locate
 
-    config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
-                         top_p=args.top_p, do_sample=args.sample, noise=args.noise, theta=args.theta,
-                         top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat,
-                         kv=args.kv)
+    _check_texts("PROMPT", "prompt", args.prompts)
+    _check_texts("--stop", "stop string", args.stop or [])
+    try:
+        check_generate_args(args.prompts, args.max_new_tokens, args.seed, args.stop)
+        config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
+                             top_p=args.top_p, do_sample=args.sample, noise=args.noise, theta=args.theta,
+                             top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat,
+                             kv=args.kv)
+    except ValueError as err:
+        raise ValueError(_blame(err)) from None
+    n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
+    if args.expert is not None:
+        if args.method != "single":
+            raise ValueError(f"argument --expert: only --method single runs one expert, got --method {args.method}")
+        if not 0 <= args.expert < n:
+            raise ValueError(f"argument --expert: an index in [0, {n - 1}] ({n} expert{'s' if n > 1 else ''}), "
+                             f"got {args.expert}")
+    try:
+        device = check_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"argument --device: {err}") from None
+    for spec in args.experts or [default_gguf_path() or DEFAULT_MODEL_HUB_ID]:
+        locate(spec)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return config, dtype, device
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import baselines
+    from .engine import DLMoM
+
+    config, dtype, device = _check_before_loading(args)
     quiet = args.quiet or args.json
-    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=args.device,
+    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=device,
                                 progress=not quiet)
     if args.method == "dlmom":
         results = moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
                                progress=not quiet)
     else:
         results = baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
-                                config=config, expert=args.expert, seed=args.seed, stop=args.stop)
+                                config=config, expert=args.expert or 0, seed=args.seed, stop=args.stop)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
         return 0
@@ -90,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dlmom: the experts reason together in latent space (default); single: one expert "
                           "alone (see --expert), plain generate; text-mas: the experts in their roles as a "
                           "sequential text pipeline, each reading the earlier answers, the last one answers")
-    run.add_argument("--expert", type=int, default=0, metavar="I",
-                     help="which expert --method single runs: an index into the experts (default 0, the first)")
+    run.add_argument("--expert", type=int, metavar="I",
+                     help="which expert --method single runs (only with it): an index into the experts (default 0, the "
+                          "first)")
     run.add_argument("--controller", choices=["swir", "explicit", "latent"], default="swir",
                      help="swir: switch on the entropy trend (default); explicit: always tokens; latent: "
                           "packets until --max-latent-steps, then tokens")
@@ -124,10 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar, so what is printed next starts on a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    """Ctrl-C: the answers so far (when generate handed them over) on stderr, one line saying so, exit 130."""
+    _close_progress_bars()
+    texts = getattr(err, "texts", None)  # dlmom.engine.GenerationInterrupted; a plain KeyboardInterrupt has none
+    if texts:
+        prompts = getattr(args, "prompts", [])
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"### {prompts[i] if i < len(prompts) else i + 1}", file=sys.stderr)
+            print(text, file=sys.stderr)
+        print("dlmom: interrupted (Ctrl-C); the answer so far is above", file=sys.stderr)
+    else:
+        print("dlmom: interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        return _interrupted(args, err)
     except (ValueError, ImportError, OSError, RuntimeError) as err:
         print(f"dlmom: error: {err}", file=sys.stderr)
         return 2
