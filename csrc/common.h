@@ -60,15 +60,39 @@ template <typename... Args>
     if (!(cond)) ::dlmom::fail(op, __VA_ARGS__); \
   } while (0)
 
-// Rank, dtype and a unit stride on the last dim (the kernels vectorise along it).
+// Rank, dtype and a unit stride on the last dim (the kernels vectorise along it). An empty view is
+// never read or written, so any strides are fine for it.
 inline void check_view(const View& v, const char* op, const char* name, int ndim, bool unit_last = true) {
   DLMOM_CHECK(v.data != nullptr || v.numel() == 0, op, name, " is a null pointer");
   DLMOM_CHECK(v.ndim == ndim, op, name, " must have ", ndim, " dims, got ", v.ndim);
   for (int i = 0; i < v.ndim; ++i) DLMOM_CHECK(v.size[i] >= 0, op, name, " has a negative size");
-  if (unit_last && ndim > 0 && v.size[ndim - 1] > 1)
+  if (unit_last && ndim > 0 && v.size[ndim - 1] > 1 && v.numel() > 0)
     DLMOM_CHECK(v.stride[ndim - 1] == 1, op, name, " must have unit stride on its last dim, got ",
                 v.stride[ndim - 1]);
 }
+inline int64_t dtype_size(DType d) {
+  switch (d) {
+    case DType::f32: case DType::i32: return 4;
+    case DType::f16: case DType::bf16: return 2;
+    case DType::i64: return 8;
+    case DType::u8: return 1;
+  }
+  return 1;
+}
+
+// Whether two views may share a byte: their address ranges intersect (conservative for interleaved views).
+// Strides are >= 0 (torch has no negative strides).
+inline bool may_overlap(const View& a, const View& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto end = [](const View& v) {
+    int64_t last = 0;
+    for (int i = 0; i < v.ndim; ++i) last += (v.size[i] - 1) * v.stride[i];
+    return reinterpret_cast<uintptr_t>(v.data) + uintptr_t((last + 1) * dtype_size(v.dtype));
+  };
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a.data), b0 = reinterpret_cast<uintptr_t>(b.data);
+  return a0 < end(b) && b0 < end(a);
+}
+
 inline void check_float(const View& v, const char* op, const char* name) {
   DLMOM_CHECK(v.dtype == DType::f32 || v.dtype == DType::f16 || v.dtype == DType::bf16, op, name,
               " must be float32, float16 or bfloat16, got ", dtype_name(v.dtype));

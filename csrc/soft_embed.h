@@ -27,6 +27,10 @@ inline void soft_embed_check(const View& ids, const View& probs, const View& wei
               probs.size[0], ", ", probs.size[1], "]");
   DLMOM_CHECK(out.size[0] == B && out.size[1] == D, op, "out must be [", B, ", ", D, "], got [", out.size[0],
               ", ", out.size[1], "]");
+  // The kernels write out while they read the inputs (dlmom.ops computes into a new tensor then).
+  DLMOM_CHECK(!may_overlap(out, weight), op, "out must not overlap weight");
+  DLMOM_CHECK(!may_overlap(out, ids), op, "out must not overlap ids");
+  DLMOM_CHECK(!may_overlap(out, probs), op, "out must not overlap probs");
 }
 
 template <typename I>

@@ -6,7 +6,10 @@
 //   a row with no finite logit has mean 0;
 // - |v| == theta is kept, |v| < theta trimmed to 0 (so theta = 0 trims nothing);
 // - a tie in the election (score exactly 0) elects 0 and the token merges to 0;
-// - a token that any expert holds at -inf stays -inf.
+// - a token that any expert holds at -inf stays -inf;
+// - finite logits must have |x| <= 2^96 (row_add flags larger ones like NaN): then no fp32 sum below can
+//   overflow for V, E < 2^31 (row sums <= 2^127, |v| <= 2^97); the weights come scaled by a power of two so
+//   that the largest is in [0.5, 1) (dlmom.reference.ties_weights), so den <= E.
 #pragma once
 #include <cmath>
 
@@ -16,6 +19,7 @@ namespace dlmom {
 namespace ties {
 
 constexpr float kInf = INFINITY;
+constexpr float kMaxLogit = 0x1p96f;  // dlmom.reference.TIES_MAX_LOGIT
 
 // The expert loops must be gone before the CPU vectoriser looks at the token loop (GCC does not
 // vectorise a loop nest with two inner loops); E <= 8 in the unrolled kernels.
@@ -41,13 +45,13 @@ DLMOM_HD float sign(float v) { return float(v > 0.f) - float(v < 0.f); }
 
 // ---- pass 1: row means over [V] ----
 
-// NaN and +inf are bad input. The caller checks the means instead of the logits (that would be a third
-// pass), so `bad` must make the mean non-finite; the finite sum alone would hide a +inf.
+// NaN, +inf and |x| > kMaxLogit are bad input. The caller checks the means instead of the logits (that would
+// be a third pass), so `bad` must make the mean non-finite; the finite sum alone would hide a +inf.
 DLMOM_HD void row_add(float x, float& sum, int& count, int& bad) {
   const bool fin = is_finite(x);
   sum += fin ? x : 0.f;
   count += fin ? 1 : 0;
-  bad |= (x != x || x == kInf) ? 1 : 0;
+  bad |= (!(fabsf(x) <= kMaxLogit) && x != -kInf) ? 1 : 0;
 }
 
 DLMOM_HD float row_mean(float sum, int64_t count, bool bad) {
@@ -100,9 +104,9 @@ DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* 
     num += agree ? wv : 0.f;
     den += agree ? w[e] : 0.f;
   }
-  // The clamp mirrors the reference: a den below 1e-30 (tiny weights) divides by 1e-30. A select again,
-  // not fmaxf.
-  const float q = num / (den > 1e-30f ? den : 1e-30f);
+  // den is a sum of weights of which the largest is >= 0.5 or 0: a positive den divides exactly as the
+  // reference does. Both arms first (a select, no division by 0 where den is 0).
+  const float q = num / (den > 0.f ? den : 1.f);
   const float merged = den > 0.f ? q : 0.f;
   return lowest == -kInf ? -kInf : merged;
 }

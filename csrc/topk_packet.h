@@ -116,9 +116,11 @@ DLMOM_HD int64_t cand_id(uint64_t c) { return int64_t(~uint32_t(c)); }
 constexpr uint64_t kNoCand = 0;
 
 // ---- packet probabilities from the top-k logits, best first ----
-// As dlmom.reference: softmax(vals / temperature), then top-p on that (entry j kept when the mass before
-// it is < top_p), renormalised; temperature 0 gives [1, 0, ...].
-DLMOM_HD float tempered_exp(float x, float z0, float temperature) { return fast_expf(x / temperature - z0); }
+// As dlmom.reference: softmax((vals - vals[0]) / temperature), then top-p on that (entry j kept when the mass
+// before it is < top_p), renormalised; temperature 0 gives [1, 0, ...].
+// exp((x - m) / temperature) with m the largest logit: the difference comes before the division, so a tiny
+// temperature takes it to -inf (exp 0) instead of overflowing x / temperature to inf (and inf - inf to NaN).
+DLMOM_HD float tempered_exp(float x, float m, float temperature) { return fast_expf((x - m) / temperature); }
 DLMOM_HD bool topp_keep(float before, float top_p) { return before < top_p; }
 
 // Serial version (CPU; vals and probs may alias). Sums run in double: k may be as large as V, where a
@@ -128,10 +130,10 @@ DLMOM_HD void packet_probs(const float* vals, int64_t k, float temperature, floa
     for (int64_t j = 0; j < k; ++j) probs[j] = j == 0 ? 1.0f : 0.0f;
     return;
   }
-  const float z0 = vals[0] / temperature;
+  const float m = vals[0];
   double sum = 0.0;
   for (int64_t j = 0; j < k; ++j) {
-    probs[j] = tempered_exp(vals[j], z0, temperature);
+    probs[j] = tempered_exp(vals[j], m, temperature);
     sum += probs[j];
   }
   const float total = float(sum);

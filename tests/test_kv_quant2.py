@@ -215,6 +215,33 @@ def test_extreme_ranges(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_values_near_the_dtype_maximum_stay_finite(device, backend, dtype, axis, G, monkeypatch):
+    # Ranges up to 2 * max (max - min overflows fp32 for fp32 / bf16), and tops that a scale rounded up
+    # would push past max (fp16: 3 * scale + zero = 65536): every value dequantises finite, within half a
+    # step, and the kernel gives the reference's codes, scale and zero bit for bit.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    m = torch.finfo(dtype).max
+    rows = [[-m, m, 0.0, 0.5 * m, -0.7 * m, m, 0.999 * m, -m], [0.0, m, 0.9 * m, 0.5 * m, m, 0.1, 0.3 * m, m],
+            [-m, -0.9 * m, -0.5 * m, 0.0, -m, -1.0, -0.25 * m, 0.0], [m, 0.99 * m, 0.999 * m, m, m, m, m, 0.98 * m],
+            [-m, 1e-3 * m, 0.6 * m, -0.6 * m, 0.8 * m, -m, 0.75 * m, 0.25 * m]]
+    x = torch.tensor(rows, dtype=torch.float64).to(dtype)  # [5, 8]
+    x = (x if axis == -1 else x.t().contiguous()).to(device)
+    q = dlmom.kv_quant2(x, group_size=G, axis=axis)
+    assert_same_quant(q, reference.kv_quant2(x, group_size=G, axis=axis))
+    deq = dlmom.kv_dequant2(q)
+    assert bool(torch.isfinite(deq).all()), deq
+    torch.testing.assert_close(deq, reference.kv_dequant2(q), rtol=0, atol=0)
+    assert bool(torch.isfinite(q.scale).all())
+    err = (deq.double() - x.double()).abs()
+    half_step = per_element(q.scale, q).double().view(x.shape) / 2
+    assert bool((err <= half_step * (1 + 1e-3)).all()), (err - half_step).max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_transposed_input_and_positive_axes(device):
     base = make((2, 64, 40), torch.float16, device, seed=8)
     x = base.transpose(-1, -2)  # [2, 40, 64], last dim strided: Python copies it
@@ -232,6 +259,25 @@ def test_empty(device, shape, axis):
     q = dlmom.kv_quant2(x, group_size=4, axis=axis)
     assert_same_quant(q, reference.kv_quant2(x, group_size=4, axis=axis))
     assert dlmom.kv_dequant2(q).shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("x,axis", [(torch.empty(3, 0, 16)[..., ::2], -2), (torch.empty(0, 16)[:, ::2], -1),
+                                    (torch.empty(2, 5, 0, 9)[..., ::3], -2), (torch.empty(4, 0).t(), -1)])
+def test_empty_any_strides(device, backend, x, axis, monkeypatch):
+    # An empty tensor is valid whatever its strides; so are empty codes / scale / zero of any strides.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = x.to(device)
+    q = dlmom.kv_quant2(x, group_size=4, axis=axis)
+    assert_same_quant(q, reference.kv_quant2(x.contiguous(), group_size=4, axis=axis))
+    assert dlmom.kv_dequant2(q).shape == x.shape
+
+    def strided(t):  # the same (empty) shape with a stride of 2 on the last dim
+        return torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=device)[..., ::2]
+
+    q2 = q._replace(codes=strided(q.codes), scale=strided(q.scale), zero=strided(q.zero))
+    assert dlmom.kv_dequant2(q2).shape == x.shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -84,6 +84,86 @@ def test_leading_dims_and_out(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", ["transposed", "strided", "leading", "out strided", "D=0 with out"])
+def test_empty_inputs_any_strides(device, backend, case, monkeypatch):
+    # No rows (or no columns) is valid whatever the strides of ids, probs, weight and out.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    ids, probs, weight, out = torch.empty(0, 3, dtype=torch.int32), torch.empty(0, 3), torch.randn(10, 8), None
+    if case == "transposed":
+        ids, probs = torch.empty(3, 0, dtype=torch.int32).t(), torch.empty(3, 0).t()
+    elif case == "strided":
+        ids, probs = torch.empty(0, 6, dtype=torch.int32)[:, ::2], torch.empty(0, 6)[:, ::2]
+    elif case == "leading":
+        ids, probs = torch.empty(2, 0, 9, dtype=torch.int32)[..., ::3], torch.empty(2, 0, 9)[..., ::3]
+    elif case == "out strided":
+        out = torch.empty(0, 16)[:, ::2]
+    else:  # one row, but D = 0
+        ids, probs, weight, out = torch.tensor([[1, 2, 3]]), torch.ones(1, 3), torch.empty(10, 0), torch.empty(1, 0)
+    move = (lambda t: None if t is None else t.to(device))
+    got = dlmom.soft_embed(move(ids), move(probs), move(weight), out=move(out))
+    assert got.shape == (*ids.shape[:-1], weight.shape[1]) and got.dtype == weight.dtype
+    if out is not None:
+        assert got.data_ptr() == out.data_ptr() or got.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", ["weight rows", "all of weight", "probs", "ids", "beside weight"])
+def test_out_may_overlap_the_inputs(device, backend, case, monkeypatch):
+    # out sharing memory with an input: the result is that of the inputs as they were at the call.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    g = torch.Generator().manual_seed(12)
+    weight = torch.randn(10, 4, generator=g).to(device)
+    ids = torch.tensor([[1, 3], [2, 2], [0, 9]], device=device)
+    probs = torch.rand(3, 2, generator=g).to(device)
+    if case == "weight rows":  # rows 2..4 of weight, read by later rows of the batch
+        out = weight[2:5]
+    elif case == "all of weight":
+        ids = torch.tensor([[1, 3], [2, 2], [0, 9], [4, 5], [6, 7], [8, 8], [1, 1], [0, 0], [5, 5], [9, 9]],
+                           device=device)
+        probs = torch.rand(10, 2, generator=g).to(device)
+        out = weight
+    elif case == "probs":  # probs are the first two columns of out
+        buf = torch.rand(3, 4, generator=g).to(device)
+        probs, out = buf[:, :2], buf
+    elif case == "ids":  # int32 ids held in the bytes of out (0.0 has the bits of id 0, 2**-148 of id 1)
+        buf = torch.zeros(3, 4, device=device)
+        buf.view(torch.int32)[:, 1] = 1
+        ids, out = buf.view(torch.int32)[:, :2], buf
+    else:  # weight is the left half of a [10, 8] buffer and out the right half of its first rows
+        buf = torch.randn(10, 8, generator=g).to(device)
+        weight, out = buf[:, :4], buf[:3, 4:]
+    want = reference_fp32(ids.clone(), probs.clone(), weight.clone(), 1.5)
+    assert dlmom.soft_embed(ids, probs, weight, scale=1.5, out=out) is out
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_out_with_overlapping_elements_is_refused(device, backend, monkeypatch):
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    ids, probs, weight = make(3, 2, 10, 4, torch.float32, device)
+    out = torch.empty(1, 4, device=device).expand(3, 4)  # three rows, one row of memory
+    with pytest.raises(ValueError, match=r"out must not address one element twice.*strides \(0, 1\)"):
+        dlmom.soft_embed(ids, probs, weight, out=out)
+
+
+def test_binding_refuses_out_overlapping_an_input():
+    mod = ops.native_module("cpu")
+    weight = torch.randn(10, 4)
+    ids, probs = torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.5]])
+    with pytest.raises(ValueError, match="soft_embed: out must not overlap weight"):
+        mod.soft_embed(ops._view(ids), ops._view(probs), ops._view(weight), 1.0, ops._view(weight[3:4]))
+    buf = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="soft_embed: out must not overlap probs"):
+        mod.soft_embed(ops._view(ids), ops._view(buf[:, 2:]), ops._view(weight), 1.0, ops._view(buf))
+    with pytest.raises(ValueError, match="soft_embed: out must not overlap ids"):
+        mod.soft_embed(ops._view(buf.view(torch.int32)[:, :2]), ops._view(probs), ops._view(weight), 1.0,
+                       ops._view(buf))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_probabilities_need_not_sum_to_one(device):
     ids = torch.tensor([[1, 1, 2]], device=device)
     weight = torch.arange(12.0, device=device).view(4, 3)

@@ -138,6 +138,17 @@ def test_empty_batch(device):
     assert out.shape == (0, 11) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("logits", [torch.zeros(2, 0, 22)[..., ::2], torch.zeros(11, 0, 2).transpose(0, 2),
+                                    torch.zeros(3, 2, 0, 11), torch.zeros(2, 4, 0, 33)[..., ::3]])
+def test_empty_batch_any_strides(device, backend, logits, monkeypatch):
+    # B = 0 is valid whatever the strides and leading dims: an empty [..., V] result.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    out = dlmom.ties_merge(logits.to(device), theta=0.5, weights=torch.ones(logits.shape[0], device=device))
+    assert out.shape == logits.shape[1:] and out.dtype == torch.float32
+
+
 # ---- semantics, checked against hand-computed values ----
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -250,6 +261,70 @@ def test_neg_inf_masks(device, dtype):
     tail = x[2, 1, -3:].float()
     torch.testing.assert_close(alone[-3:], tail - tail.mean(), **ATOL_RTOL)
     assert (alone[:-3] == NEG_INF).all()
+
+
+def merge_float64(x, theta, elect, weights):
+    """The spec in float64 (no overflow, no clamp), for inputs whose fp32 means are exact (grid_logits)."""
+    x = x.double()
+    finite = torch.isfinite(x)
+    mean = torch.where(finite, x, 0.0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp(min=1)
+    v = torch.where(finite, x - mean, 0.0)
+    v = torch.where(v.abs() >= theta, v, 0.0)
+    w = weights.double().view(-1, *([1] * (x.dim() - 1)))
+    s = torch.sign(v)
+    elected = torch.sign((w * s).sum(0) if elect == "vote" else (w * v).sum(0))
+    agree = (s == elected) & (elected != 0)
+    num = torch.where(agree, w * v, 0.0).sum(0)
+    den = torch.where(agree, w.expand_as(v), 0.0).sum(0)
+    merged = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+    return torch.where((x == NEG_INF).any(0), NEG_INF, merged)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+@pytest.mark.parametrize("weights", [[2 ** 127, 2 ** 127, 2 ** 124, 2 ** 126], [2 ** -120, 2 ** -120, 0, 2 ** -122],
+                                     [2 ** -149, 0, 0, 0], [2 ** -130, 2 ** -133, 2 ** -128, 0], [0, 0, 0, 0]])
+def test_extreme_weights(device, backend, elect, weights, monkeypatch):
+    # Only the ratios of the weights matter: huge ones must not overflow the weighted sums, tiny ones must
+    # not fall under a clamp of the denominator. (Powers of two and V = 64 keep every sum exact.)
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = grid_logits(4, 3, 64, device=device, seed=4)
+    x[-1, -1, :62] = NEG_INF
+    w = torch.tensor(weights, dtype=torch.float64).float().to(device)
+    got = check(x, theta=0.25, elect=elect, weights=w)
+    torch.testing.assert_close(got, merge_float64(x, 0.25, elect, w).float(), **ATOL_RTOL)
+    assert not bool(torch.isnan(got).any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+def test_logits_up_to_the_magnitude_limit(device, backend, dtype, elect, monkeypatch):
+    # |logits| up to 2^96: the fp32 sums cannot overflow, the result is the float64 one.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = grid_logits(3, 2, 64, device=device, seed=5) * 2.0 ** 93  # |x| <= 8 * 2^93
+    x[-1, -1, :62] = NEG_INF
+    x[0, 0, 1], x[1, 0, 1], x[2, 1, 63] = 2.0 ** 96, -(2.0 ** 96), -(2.0 ** 96)
+    x = x.to(dtype)
+    w = torch.tensor([2.0 ** 127, 2.0 ** 125, 2.0 ** 126], device=device)
+    got = check(x, theta=2.0 ** 90, elect=elect, weights=w)
+    assert bool(torch.isfinite(got[got != NEG_INF]).all())
+    torch.testing.assert_close(got, merge_float64(x, 2.0 ** 90, elect, w).float(), **ATOL_RTOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("big", [2.0 ** 97, -(2.0 ** 97), 1e30, -3e38])
+def test_logits_beyond_the_magnitude_limit_are_refused(device, backend, dtype, big, monkeypatch):
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = grid_logits(3, 4, 300, dtype=dtype, device=device)
+    x[1, 2, 7] = big
+    x[0, 1, :] = NEG_INF  # -inf is fine
+    with pytest.raises(ValueError, match=r"ties_merge: logits must be -inf or finite with \|x\| <= 2\^96"):
+        dlmom.ties_merge(layout(x, False))
 
 
 # ---- errors ----

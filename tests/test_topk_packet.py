@@ -194,6 +194,27 @@ def test_temperature_and_top_p(device, dtype, temperature, top_p):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-30, 1e-12, 1e-60])
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_tiny_temperature_is_the_argmax_limit(device, backend, dtype, temperature, top_p, monkeypatch):
+    # logits / temperature overflows float32 for a tiny temperature; the packet must still be the limit:
+    # one-hot on the argmax, or shared evenly between tied maxima (row 1). 1e-60 is 0 in float32.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    x = make(3, 500, torch.float32, "cpu", seed=11) * 10
+    x[0, 11] = 2048.0  # a clear maximum
+    x[1, [3, 7]] = 4096.0  # two tied maxima
+    x[2, ::2] = -math.inf
+    x[2, 21] = 2048.0
+    got = check(x.to(dtype).to(device), 5, temperature=temperature, top_p=top_p)
+    tied = [0.5, 0.5] if temperature > 1e-46 and top_p == 1.0 else [1.0, 0.0]
+    want = torch.tensor([[1.0, 0, 0, 0, 0], [*tied, 0, 0, 0], [1.0, 0, 0, 0, 0]], device=device)
+    torch.testing.assert_close(got.probs, want, atol=0, rtol=0)
+    assert got.ids[:, 0].tolist() == [11, 3, 21] and got.ids[1, 1] == 7
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_entropy_known_values(device, dtype):
     V = 1000
@@ -229,6 +250,20 @@ def test_leading_dims(device):
 def test_empty_batch(device):
     got = dlmom.topk_packet(torch.empty(0, 10, device=device), 3)
     assert got.ids.shape == (0, 3) and got.probs.shape == (0, 3) and got.entropy.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("logits", [torch.empty(0, 10)[:, ::2], torch.empty(10, 0).t(), torch.empty(2, 0, 12)[..., ::3],
+                                    torch.empty(1, 5).expand(0, 5)])
+def test_empty_batch_any_strides(device, backend, logits, monkeypatch):
+    # An empty batch is valid whatever its strides (here a strided, a transposed and an expanded last dim).
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    V = logits.shape[-1]
+    got = dlmom.topk_packet(logits.to(device), 2)
+    lead = logits.shape[:-1]
+    assert got.ids.shape == (*lead, 2) and got.probs.shape == (*lead, 2) and got.entropy.shape == lead
+    assert got.ids.dtype == torch.int64 and got.probs.dtype == torch.float32 and V >= 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,6 +4,14 @@
 // no byte of codes straddles two items, and items run in parallel with OpenMP. For C > 1 (axis=-2, KIVI's keys)
 // the loops run along C, contiguous in memory, with the group's fp32 statistics in small arrays; for C == 1
 // (axis=-1, KIVI's values) they run along L. The per-element math is in ../kv_quant2.h, shared with CUDA.
+
+// Before any include, so it covers the shared header too. GCC will not if-convert (and so not vectorise) a
+// select whose arm could raise a floating-point exception, as the overflow fallbacks of kv_quant2.h are;
+// nothing here reads the FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>

@@ -254,11 +254,11 @@ __global__ void __launch_bounds__(kFinishThreads)
     return;
   }
   // Each thread owns entries j = tid + i * kFinishThreads in every loop below.
-  const float z0 = row_p[0] / temperature;
+  const float m = row_p[0];  // the largest logit
   __syncthreads();  // all have read row_p[0] before it is overwritten
   float local = 0.0f;
   for (int j = tid; j < k; j += kFinishThreads) {
-    const float e = topk::tempered_exp(row_p[j], z0, temperature);
+    const float e = topk::tempered_exp(row_p[j], m, temperature);
     row_p[j] = e;
     local += e;
   }

@@ -127,6 +127,17 @@ def _check_number(op: str, name: str, value, *, lo=None, hi=None, lo_open=False,
         raise ValueError(f"{op}: {name} must be in {'(' if lo_open else '['}{lo_s}, {hi_s}], got {value!r}")
 
 
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share memory: their address ranges intersect (metadata only; conservative for
+    interleaved views). torch strides are never negative."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + (sum((n - 1) * s for n, s in zip(a.shape, a.stride())) + 1) * a.element_size()
+    b1 = b0 + (sum((n - 1) * s for n, s in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
 def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with unit stride: copy only when the last dim is strided."""
     return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
@@ -144,7 +155,10 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     probs : float [..., k]       weights of the ids (a packet's probabilities; a token is {(id, 1.0)})
     weight : float [V, D]        the input-embedding matrix (any row stride, e.g. nn.Embedding.weight)
     scale : float                the model's embedding multiplier (sqrt(D) for Gemma)
-    out : optional [..., D] tensor of weight.dtype to write into
+    out : optional [..., D] tensor of weight.dtype to write into, any strides. It may share memory with
+          ids, probs or weight: the result is that of the inputs as they were at the call (the kernel then
+          writes a new tensor, which is copied into out). An out that addresses one element twice (a stride
+          of 0 on a dim longer than 1, e.g. from ``expand``) is refused.
 
     Returns ``[..., D]`` in ``weight.dtype``; accumulation is fp32.
     """
@@ -165,6 +179,9 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
         _check_tensor(op, "out", out, dtypes=(weight.dtype,))
         if out.shape != (*lead, D):
             raise ValueError(f"{op}: out must have shape {(*lead, D)}, got {tuple(out.shape)}")
+        if any(s == 0 and n > 1 for n, s in zip(out.shape, out.stride())):
+            raise ValueError(f"{op}: out must not address one element twice, got shape {tuple(out.shape)} with "
+                             f"strides {out.stride()}")
     mod = _kernels_for(op, weight)
     # The C++ kernel checks the id range while it reads them; elsewhere check here (a sync on CUDA).
     if (mod is None or weight.device.type != "cpu") and ids.numel():
@@ -177,10 +194,12 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     k = ids.shape[-1]
     if ids.dim() != 2:
         ids, probs = ids.reshape(-1, k), probs.reshape(-1, k)
-    ids2, probs2 = _rows_unit_stride(ids), _rows_unit_stride(probs)
-    direct = out is not None and out.is_contiguous()
-    out2 = out.view(-1, D) if direct else weight.new_empty((ids2.shape[0], D))
-    _run(mod, weight, "soft_embed", ids2, probs2, _rows_unit_stride(weight), float(scale), out2)
+    ids2, probs2, weight2 = _rows_unit_stride(ids), _rows_unit_stride(probs), _rows_unit_stride(weight)
+    # The kernel writes out directly only when out is dense and shares no memory with what it reads.
+    direct = out is not None and out.is_contiguous() and not (
+        _may_overlap(out, weight2) or _may_overlap(out, ids2) or _may_overlap(out, probs2))
+    out2 = out.view(ids2.shape[0], D) if direct else weight.new_empty((ids2.shape[0], D))  # (-1 fails for D = 0)
+    _run(mod, weight, "soft_embed", ids2, probs2, weight2, float(scale), out2)
     if out is None:
         return out2 if len(lead) == 1 else out2.view(*lead, D)
     return out if direct else out.copy_(out2.view(*lead, D))
@@ -192,8 +211,11 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
     ids int64 [B, k] by probability (ties: lower id first); probs float32 [B, k] = the top-k renormalised,
     truncated to the shortest prefix whose mass reaches ``top_p`` (an entry is kept when the mass before it
     is < top_p; dropped entries get 0) and renormalised; entropy float32 [B] = H(softmax(logits)) / log V at
-    temperature 1. ``temperature == 0`` gives the one-hot packet of the argmax. -inf logits (masked
-    tokens) are never chosen while a finite one remains. Leading dims beyond one are flattened and restored.
+    temperature 1. ``temperature == 0`` gives the one-hot packet of the argmax. The temperature is used as a
+    float32 and the probabilities are softmax((logits - max) / temperature): a tiny temperature cannot
+    overflow and gives the limit, one-hot on the argmax (shared evenly by tied maxima); one that rounds to 0
+    in float32 (below about 7e-46) is 0. -inf logits (masked tokens) are never chosen while a finite one
+    remains. Leading dims beyond one are flattened and restored.
     """
     op = "topk_packet"
     _check_tensor(op, "logits", logits, min_dims=1, dtypes=_FLOATS)
@@ -230,6 +252,11 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     sign(sum_e w_e v_e); merged = weighted mean of the v_e whose sign equals the elected one (0 where
     none). A token that any expert masks with -inf is -inf. ``weights`` [E] (router scores, >= 0)
     weight both the vote and the mean; default all 1.
+
+    Extreme values: the math is fp32. Only the ratios of the weights count: they are scaled by a power of
+    two (exact) so the largest is below 1, so any finite weights work (a weight below 2^-149 of the largest
+    counts as 0). Finite logits must have |x| <= 2^96 (about 7.9e28), which keeps every sum finite; a larger
+    one raises ValueError like NaN and +inf do.
     """
     op = "ties_merge"
     _check_tensor(op, "logits", logits, min_dims=2, dtypes=_FLOATS)
@@ -247,21 +274,31 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError(f"{op}: weights must be finite and >= 0, got {weights.tolist()}")
     lead = logits.shape[1:-1]
-    x = _rows_unit_stride(logits.reshape(E, -1, V))
+    x = _rows_unit_stride(logits.reshape(E, math.prod(lead), V))  # (-1 fails when B = 0)
     mod = _kernels_for(op, logits)
     if mod is None:
-        if bool(torch.isnan(x).any()) or bool((x == math.inf).any()):
-            raise ValueError(f"{op}: logits must be finite or -inf, got NaN or +inf")
+        if bool(torch.isnan(x).any()) or bool((x == math.inf).any()) or bool(
+                ((x.abs() > reference.TIES_MAX_LOGIT) & (x != -math.inf)).any()):
+            _ties_bad_logits(x)
         return reference.ties_merge(x, theta=theta, elect=elect, weights=weights).view(*lead, V)
     B = x.shape[1]
     means = torch.empty(E, B, dtype=torch.float32, device=x.device)
     out = torch.empty(B, V, dtype=torch.float32, device=x.device)
-    w = None if weights is None else weights.float().contiguous()
+    w = None if weights is None else reference.ties_weights(weights, E, x.device)
     _run(mod, x, "ties_merge", x, w, float(theta), 0 if elect == "vote" else 1, means, out)
-    # The kernel's row means are NaN or +inf exactly when a row holds NaN or +inf.
+    # The kernel's row means are non-finite exactly when a row holds NaN, +inf or |x| > 2^96.
     if not bool(torch.isfinite(means).all()):
-        raise ValueError(f"{op}: logits must be finite or -inf, got NaN or +inf")
+        _ties_bad_logits(x)
     return out.view(*lead, V)
+
+
+def _ties_bad_logits(x: torch.Tensor):
+    """Raise the error for logits that hold NaN, +inf or a finite value beyond 2^96 (only on the error path)."""
+    if bool(torch.isnan(x).any()) or bool((x == math.inf).any()):
+        raise ValueError("ties_merge: logits must be finite or -inf, got NaN or +inf")
+    big = x.float().abs().masked_fill(x == -math.inf, 0).max()
+    raise ValueError(f"ties_merge: logits must be -inf or finite with |x| <= 2^96 (about 7.9e28), got "
+                     f"{float(big):.4g}")
 
 
 def _kv_axis(op: str, x: torch.Tensor, axis) -> int:
@@ -278,6 +315,12 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     per uint8, least significant bits first. scale and zero are kept in x's dtype, rounded outward (zero
     down, scale up) so each element is within half a step of its dequantised value; a constant group is
     exact. A length that is not a multiple of ``group_size`` gets a shorter last group.
+
+    Extreme values: x must be finite (NaN and inf raise ValueError); any finite x works, up to the dtype's
+    maximum. The fp32 arithmetic behaves as if its exponent were unbounded (a range max - min or a value
+    code * scale + zero beyond fp32 is computed at half scale), and where zero + 3 * scale would overflow x's
+    dtype the scale is stepped down a unit or two (the top element then lies a few units of the scale below
+    its value, still within half a step): ``kv_dequant2(kv_quant2(x))`` is finite for every finite x.
     """
     op = "kv_quant2"
     _check_tensor(op, "x", x, min_dims=1, dtypes=_FLOATS)
@@ -308,7 +351,12 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
 
 
 def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensor back from ``kv_quant2``: code * scale + zero, in ``dtype`` (default: the input's dtype)."""
+    """The tensor back from ``kv_quant2``: code * scale + zero, in ``dtype`` (default: the input's dtype).
+
+    The value is computed in fp32 as if its exponent were unbounded (kv_quant2's extreme values), then
+    rounded to ``dtype`` as ``Tensor.to`` does: finite for the input's dtype; a ``dtype`` narrower than the
+    input's (fp32 values beyond 65504 to fp16) gives inf there.
+    """
     op = "kv_dequant2"
     if not isinstance(q, QuantizedKV):
         raise ValueError(f"{op}: q must be a QuantizedKV from kv_quant2, got {type(q).__name__}")

@@ -35,22 +35,45 @@ def entropy_normalised(logits: torch.Tensor) -> torch.Tensor:
 def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p: float = 1.0) -> Packet:
     """Top-k of softmax(logits / temperature), top-p truncated and renormalised; entropy at temperature 1.
 
+    The temperature is used as a float32 (one that rounds to 0 is 0: the one-hot packet), and the largest
+    logit is subtracted before the division, so a tiny temperature gives the argmax limit, never NaN.
     top_p acts on the top-k distribution renormalised (as transformers' TopK then TopP warpers do): an
     entry is kept when the mass before it is < top_p.
     """
     x = logits.float()
     vals, ids = torch.sort(x, dim=-1, descending=True, stable=True)  # stable: ties -> lower id first
     vals, ids = vals[..., :k], ids[..., :k]
-    if temperature == 0:
+    t = float(torch.tensor(temperature, dtype=torch.float32))  # the kernels get it as a C float
+    if t == 0:
         probs = torch.zeros_like(vals)
         probs[..., 0] = 1.0
     else:
-        probs = torch.softmax(vals / temperature, dim=-1)
+        # A tensor divisor: torch on CUDA divides by a Python number as a multiply by its reciprocal, which
+        # is inf for a subnormal temperature (and 0 * inf NaN).
+        probs = torch.softmax((vals - vals[..., :1]) / torch.full_like(vals, t), dim=-1)
         if top_p < 1.0:
             before = torch.cumsum(probs, dim=-1) - probs
             probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
             probs = probs / probs.sum(-1, keepdim=True)
     return Packet(ids, probs, entropy_normalised(x))
+
+
+# Finite logits of ties_merge must have |x| <= 2^96 (csrc/ties_merge.h: kMaxLogit): then no fp32 sum of the
+# merge can overflow (for V, E < 2^31).
+TIES_MAX_LOGIT = 2.0 ** 96
+
+
+def ties_weights(weights: torch.Tensor | None, E: int, device: torch.device) -> torch.Tensor:
+    """The weights as float32 [E], scaled by a power of two so that the largest is in [0.5, 1) (or all are 0).
+
+    The merge depends only on their ratios, and a power of two scales exactly (down to float32's subnormals):
+    the weighted sums cannot overflow however large the weights are, and ties stay ties.
+    """
+    if weights is None:
+        return torch.ones(E, device=device)
+    w = weights.double()  # every float32 weight and power of two below fits, the product is exact
+    exponent = torch.frexp(w.max()).exponent  # max = m * 2^exponent, m in [0.5, 1); 0 for max == 0
+    return (w * torch.pow(2.0, -exponent.double())).float()
 
 
 def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
@@ -60,6 +83,8 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     v = x - mean_finite(x); |v| < theta -> 0; elected = sign(sum_e w_e sign(v_e)) ("vote") or
     sign(sum_e w_e v_e) ("mass"); merged = sum of w_e v_e over experts with sign(v_e) == elected != 0,
     divided by the sum of their w_e (0 where none). A token that any expert masks with -inf is -inf.
+    The weights are first scaled by a power of two (ties_weights); finite logits should have
+    |x| <= TIES_MAX_LOGIT, which dlmom.ops checks.
     """
     x = logits.float()
     E = x.shape[0]
@@ -68,14 +93,14 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / count
     v = torch.where(finite, x - mean, torch.zeros_like(x))
     v = torch.where(v.abs() >= theta, v, torch.zeros_like(v))
-    w = torch.ones(E, device=x.device) if weights is None else weights.float()
+    w = ties_weights(weights, E, x.device)
     w = w.view(E, *([1] * (x.dim() - 1)))
     s = torch.sign(v)
     elected = torch.sign((w * s).sum(0) if elect == "vote" else (w * v).sum(0))
     agree = (s == elected) & (elected != 0)
     num = torch.where(agree, w * v, torch.zeros_like(v)).sum(0)
     den = torch.where(agree, w.expand_as(v), torch.zeros_like(v)).sum(0)
-    merged = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+    merged = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
     masked = (x == -math.inf).any(0)
     return torch.where(masked, torch.full_like(merged, -math.inf), merged)
 
@@ -101,29 +126,61 @@ def _step_up(t: torch.Tensor) -> torch.Tensor:
     return (t.view(torch.int16) + 1).view(t.dtype)
 
 
+def _step_down_positive(t: torch.Tensor) -> torch.Tensor:
+    """The next representable value towards 0 of a positive float32 / float16 / bfloat16 tensor."""
+    bits = torch.int32 if t.dtype == torch.float32 else torch.int16
+    return (t.view(bits) - 1).view(t.dtype)
+
+
+def _sub_div(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(a - b) / c in fp32; where a - b overflows (large a, b of opposite signs), (a/2 - b/2) / (c/2): the
+    quotient fp32 with an unbounded exponent gives. c is a tensor (see kv_scale_zero)."""
+    d = a - b
+    big = torch.isinf(d)
+    return torch.where(big, a * 0.5 - b * 0.5, d) / torch.where(big, c * 0.5, c)
+
+
+def kv_dequant_values(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """codes * s + z in fp32; where that overflows, 2 * (codes * (s/2) + z/2), which is inf only when the value
+    itself is beyond the fp32 range."""
+    v = codes * s + z
+    return torch.where(torch.isinf(v), 2 * (codes * (s * 0.5) + z * 0.5), v)
+
+
+# Steps down of a scale whose top value overflows (csrc/kv_quant2.h: kScaleSteps).
+_SCALE_STEPS = 3
+
+
 def kv_scale_zero(mn: torch.Tensor, mx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of groups with minimum mn and maximum mx, stored in ``dtype``.
 
     zero = min and scale = (max - zero) / 3, rounded outward to ``dtype`` (zero down, scale up) so
-    every element of the group stays within half a step of its code.
+    every element of the group stays within half a step of its code. A range beyond fp32 is divided at half
+    scale (_sub_div), and a scale whose top value zero + 3 * scale would overflow ``dtype`` is stepped down
+    (the top element then lies a few units of the scale from its value, far within half a step).
     """
     # A tensor divisor, not the number 3: on CUDA, torch divides by a Python scalar as a multiply by its
     # reciprocal, which differs from the true division in the last bit for about a third of the values.
     three = torch.full_like(mn, 3.0)
     if dtype == torch.float32:
-        return (mx - mn) / three, mn
-    zero = mn.to(dtype)
-    zero = torch.where(zero.float() > mn, _step_down(zero), zero)
-    s32 = (mx - zero.float()) / three
-    scale = s32.to(dtype)
-    scale = torch.where(scale.float() < s32, _step_up(scale), scale)
+        zero, scale = mn, _sub_div(mx, mn, three)
+    else:
+        zero = mn.to(dtype)
+        zero = torch.where(zero.float() > mn, _step_down(zero), zero)
+        s32 = _sub_div(mx, zero.float(), three)
+        scale = s32.to(dtype)
+        scale = torch.where(scale.float() < s32, _step_up(scale), scale)
+    for _ in range(_SCALE_STEPS):
+        top = kv_dequant_values(three, scale.float(), zero.float()).to(dtype)
+        scale = torch.where((scale > 0) & torch.isinf(top), _step_down_positive(scale), scale)
     return scale, zero
 
 
 def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> QuantizedKV:
     """Asymmetric 2-bit min-max quantisation in groups of ``group_size`` along ``axis`` (-1 or -2).
 
-    code = clamp(rint((x - zero) / scale), 0, 3) (0 where scale == 0); the last group may be shorter.
+    code = clamp(rint((x - zero) / scale), 0, 3) (0 where scale == 0; x - zero past fp32 at half scale); the
+    last group may be shorter.
     """
     R, L, C = canonical_3d(x.shape, axis)
     G = group_size
@@ -135,7 +192,7 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     scale, zero = kv_scale_zero(lo, hi, x.dtype)
     s = scale.float().repeat_interleave(G, dim=1)[:, :L]
     z = zero.float().repeat_interleave(G, dim=1)[:, :L]
-    codes = torch.where(s > 0, torch.round((x3 - z) / torch.where(s > 0, s, 1.0)), torch.zeros_like(x3))
+    codes = torch.where(s > 0, torch.round(_sub_div(x3, z, torch.where(s > 0, s, 1.0))), torch.zeros_like(x3))
     codes = codes.clamp(0, 3).to(torch.uint8)
     codes = torch.nn.functional.pad(codes, (0, 0, 0, nb * 4 - L)).view(R, nb, 4, C)
     packed = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
@@ -147,7 +204,7 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
 
 
 def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """code * scale + zero, in ``dtype`` (default: the quantised tensor's dtype)."""
+    """code * scale + zero (kv_dequant_values), in ``dtype`` (default: the quantised tensor's dtype)."""
     R, L, C = canonical_3d(q.shape, q.axis)
     G = q.group_size
     ng, nb = -(-L // G), -(-L // 4)  # explicit: reshape cannot infer a -1 when R == 0
@@ -156,4 +213,4 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
     codes = ((b >> shifts) & 3).reshape(R, nb * 4, C)[:, :L].float()
     s = q.scale.reshape(R, ng, C).float().repeat_interleave(G, dim=1)[:, :L]
     z = q.zero.reshape(R, ng, C).float().repeat_interleave(G, dim=1)[:, :L]
-    return (codes * s + z).to(dtype or q.scale.dtype).reshape(q.shape)
+    return kv_dequant_values(codes, s, z).to(dtype or q.scale.dtype).reshape(q.shape)
