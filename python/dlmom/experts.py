@@ -5,6 +5,7 @@ safetensors in a cache folder (``DLMOM_CACHE``, default ``~/.cache/dlmom``) and 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -211,7 +212,8 @@ def _cache_problem(folder: pathlib.Path) -> str | None:
             return f"{name} is missing"
         size = p.stat().st_size
         if size != want.get("size"):
-            return f"{name} is {size} bytes, {want.get('size')} when written"
+            cut = isinstance(want.get("size"), int) and size < want["size"]
+            return f"{name} is {'truncated: ' if cut else ''}{size} bytes, {want.get('size')} when written"
         if name.endswith(".safetensors"):
             problem = check_safetensors(p)
             if problem:
@@ -219,6 +221,19 @@ def _cache_problem(folder: pathlib.Path) -> str | None:
         if "sha256" in want and _sha256(p) != want["sha256"]:
             return f"{name} changed since it was written (sha256 differs)"
     return None
+
+
+def _legacy_entry_problem(folder: pathlib.Path) -> str | None:
+    """Why an entry written without a manifest (older dlmom) cannot be kept, or None: it has a config.json
+    that is JSON, a tokenizer, and a model.safetensors whose size is the one its header describes."""
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"config.json is unreadable ({err})"
+    if not (folder / "tokenizer_config.json").is_file():
+        return "tokenizer_config.json is missing"
+    problem = check_safetensors(folder / "model.safetensors")
+    return f"model.safetensors is {problem}" if problem else None
 
 
 def _convert_gguf(path: pathlib.Path, dtype: torch.dtype, out: pathlib.Path) -> None:
@@ -294,7 +309,15 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
     root = cache_dir()
     folder = root / f"{path.stem}-{key}"
     if folder.exists():
-        problem = _cache_problem(folder)
+        if (folder / _MANIFEST).exists():
+            problem = _cache_problem(folder)
+        else:  # an entry of a dlmom without manifests: checked as far as it can be, then adopted
+            problem = _legacy_entry_problem(folder)
+            if problem is None:
+                with contextlib.suppress(OSError):  # a read-only cache: checked on every load instead
+                    _write_manifest(folder)
+                return folder
+            problem = f"an entry without {_MANIFEST}, written by an older dlmom, whose {problem}"
         if problem is None:
             return folder
         warnings.warn(f"the converted-model cache entry {folder} is damaged ({problem}); rebuilding it from "
