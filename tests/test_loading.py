@@ -314,6 +314,14 @@ def test_a_folder_that_is_not_a_model(tmp_path, model_folder):
     assert "no weights" in load_error(no_weights)
 
 
+def test_an_unreadable_folder(model_folder, monkeypatch):
+    def denied(folder):  # what stat() says in a folder this user may not search (root may: so simulated)
+        raise PermissionError(13, "Permission denied", str(folder / "config.json"))
+
+    monkeypatch.setattr(ex, "_folder_problem", denied)
+    assert "folder is unreadable ([Errno 13] Permission denied" in load_error(model_folder)
+
+
 def test_a_folder_with_a_truncated_safetensors_file(model_folder):
     weights = model_folder / "model.safetensors"
     with open(weights, "r+b") as f:

@@ -557,7 +557,10 @@ def locate(spec: str | os.PathLike) -> Source:
                              f"or a hub id")
         raise ValueError(f"{name}: {problem if problem.startswith('not a GGUF') else 'GGUF file ' + problem}")
     if is_dir:
-        problem = _folder_problem(path)
+        try:
+            problem = _folder_problem(path)
+        except OSError as err:  # e.g. a folder this user may not read
+            problem = f"folder is unreadable ({err})"
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
         return Source("folder", path)
