@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -298,6 +299,15 @@ def _discard(folder: pathlib.Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _cache_hint(err: OSError) -> str:
+    """What to do about a failed write to the cache folder, when the error says."""
+    if err.errno == errno.ENOSPC:
+        return "; free space there or set DLMOM_CACHE to another folder"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        return "; set DLMOM_CACHE to a writable folder"
+    return ""
+
+
 def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
     """A safetensors folder with the de-quantised model of a GGUF file, converted on first use.
 
@@ -331,13 +341,13 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
         shutil.rmtree(tmp, ignore_errors=True)
     except OSError as err:
         raise OSError(f"expert {str(path)!r}: cannot write the converted model to the cache folder {root} "
-                      f"({err}); set DLMOM_CACHE to a writable folder") from err
+                      f"({err}){_cache_hint(err)}") from err
     try:
         try:
             _convert_gguf(path, dtype, tmp)
         except OSError as err:
             raise OSError(f"expert {str(path)!r}: converting the GGUF file into the cache folder {root} failed "
-                          f"({err}); free space there or set DLMOM_CACHE to another folder") from err
+                          f"({err}){_cache_hint(err)}") from err
         except Exception as err:
             raise ValueError(f"expert {str(path)!r}: transformers could not convert this GGUF file "
                              f"({_one_line(err)})") from err
@@ -349,7 +359,7 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
             if folder.exists() and _cache_problem(folder) is None:
                 return folder  # another process converted the same file first
             raise OSError(f"expert {str(path)!r}: writing the converted model to the cache folder {root} failed "
-                          f"({err}); free space there or set DLMOM_CACHE to another folder") from err
+                          f"({err}){_cache_hint(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
