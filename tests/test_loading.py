@@ -149,7 +149,7 @@ def test_cache_is_converted_once(tiny_gguf, cache, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["truncate-weights", "empty-weights", "delete-tokenizer", "edit-config",
-                                    "delete-manifest"])
+                                    "delete-manifest-and-truncate-weights"])
 def test_damaged_cache_entry_is_rebuilt_with_a_warning_naming_it(tiny_gguf, cache, damage):
     path, model, tok = tiny_gguf
     ex.load_pretrained(path)
@@ -167,14 +167,27 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning_naming_it(tiny_gguf, cach
         (entry / "config.json").write_text((entry / "config.json").read_text().replace("64", "65"))
     else:
         (entry / "dlmom-cache.json").unlink()
+        with open(weights, "r+b") as f:
+            f.truncate(size - 1)
     with pytest.warns(ex.DLMoMWarning, match=str(entry)) as caught:
         loaded, loaded_tok = ex.load_pretrained(path)
     assert "rebuilding" in str(caught[0].message)
     if damage.endswith("weights"):
-        assert "model.safetensors" in str(caught[0].message)
+        assert "model.safetensors" in str(caught[0].message) and "truncated" in str(caught[0].message)
     torch.testing.assert_close(logits(loaded, loaded_tok), logits(model, tok))
     assert weights.stat().st_size == size and ex._cache_problem(entry) is None
     assert entries(cache) == [entry.name]  # nothing left beside the rebuilt entry
+
+
+def test_an_entry_of_an_older_dlmom_is_checked_and_kept(tiny_gguf, cache, monkeypatch):
+    path = tiny_gguf[0]
+    ex.load_pretrained(path)
+    (entry,) = [cache / name for name in entries(cache)]
+    (entry / "dlmom-cache.json").unlink()  # older entries have no manifest
+    monkeypatch.setattr(ex, "_convert_gguf", lambda *a: pytest.fail("a sound entry was converted again"))
+    model, tok = ex.load_pretrained(path)
+    torch.testing.assert_close(logits(model, tok), logits(tiny_gguf[1], tiny_gguf[2]))
+    assert ex._cache_problem(entry) is None  # adopted: a manifest of what is there now
 
 
 def test_failed_conversion_leaves_no_entry_and_names_the_cache(tiny_gguf, cache, monkeypatch):
@@ -188,7 +201,7 @@ def test_failed_conversion_leaves_no_entry_and_names_the_cache(tiny_gguf, cache,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ex, "_convert_gguf", disk_full)
-    with pytest.raises(OSError, match="No space left on device") as err:
+    with pytest.raises(OSError, match="No space left on device.*; free space there or set DLMOM_CACHE") as err:
         ex.load_pretrained(path)
     assert str(cache) in str(err.value) and path.name in str(err.value)
     assert entries(cache) == []  # neither a half-written entry nor a .partial folder
@@ -299,6 +312,14 @@ def test_a_folder_that_is_not_a_model(tmp_path, model_folder):
     no_weights.mkdir()
     (no_weights / "config.json").write_text((model_folder / "config.json").read_text())
     assert "no weights" in load_error(no_weights)
+
+
+def test_an_unreadable_folder(model_folder, monkeypatch):
+    def denied(folder):  # what stat() says in a folder this user may not search (root may: so simulated)
+        raise PermissionError(13, "Permission denied", str(folder / "config.json"))
+
+    monkeypatch.setattr(ex, "_folder_problem", denied)
+    assert "folder is unreadable ([Errno 13] Permission denied" in load_error(model_folder)
 
 
 def test_a_folder_with_a_truncated_safetensors_file(model_folder):

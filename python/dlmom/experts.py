@@ -5,7 +5,9 @@ safetensors in a cache folder (``DLMOM_CACHE``, default ``~/.cache/dlmom``) and 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -278,7 +280,8 @@ def _cache_problem(folder: pathlib.Path) -> str | None:
             return f"{name} is missing"
         size = p.stat().st_size
         if size != want.get("size"):
-            return f"{name} is {size} bytes, {want.get('size')} when written"
+            cut = isinstance(want.get("size"), int) and size < want["size"]
+            return f"{name} is {'truncated: ' if cut else ''}{size} bytes, {want.get('size')} when written"
         if name.endswith(".safetensors"):
             problem = check_safetensors(p)
             if problem:
@@ -286,6 +289,19 @@ def _cache_problem(folder: pathlib.Path) -> str | None:
         if "sha256" in want and _sha256(p) != want["sha256"]:
             return f"{name} changed since it was written (sha256 differs)"
     return None
+
+
+def _legacy_entry_problem(folder: pathlib.Path) -> str | None:
+    """Why an entry written without a manifest (older dlmom) cannot be kept, or None: it has a config.json
+    that is JSON, a tokenizer, and a model.safetensors whose size is the one its header describes."""
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"config.json is unreadable ({err})"
+    if not (folder / "tokenizer_config.json").is_file():
+        return "tokenizer_config.json is missing"
+    problem = check_safetensors(folder / "model.safetensors")
+    return f"model.safetensors is {problem}" if problem else None
 
 
 def _convert_gguf(path: pathlib.Path, dtype: torch.dtype, out: pathlib.Path) -> None:
@@ -350,6 +366,15 @@ def _discard(folder: pathlib.Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _cache_hint(err: OSError) -> str:
+    """What to do about a failed write to the cache folder, when the error says."""
+    if err.errno == errno.ENOSPC:
+        return "; free space there or set DLMOM_CACHE to another folder"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        return "; set DLMOM_CACHE to a writable folder"
+    return ""
+
+
 def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
     """A safetensors folder with the de-quantised model of a GGUF file, converted on first use.
 
@@ -361,7 +386,15 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
     root = cache_dir()
     folder = root / f"{path.stem}-{key}"
     if folder.exists():
-        problem = _cache_problem(folder)
+        if (folder / _MANIFEST).exists():
+            problem = _cache_problem(folder)
+        else:  # an entry of a dlmom without manifests: checked as far as it can be, then adopted
+            problem = _legacy_entry_problem(folder)
+            if problem is None:
+                with contextlib.suppress(OSError):  # a read-only cache: checked on every load instead
+                    _write_manifest(folder)
+                return folder
+            problem = f"an entry without {_MANIFEST}, written by an older dlmom, whose {problem}"
         if problem is None:
             return folder
         warnings.warn(f"the converted-model cache entry {folder} is damaged ({problem}); rebuilding it from "
@@ -375,13 +408,13 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
         shutil.rmtree(tmp, ignore_errors=True)
     except OSError as err:
         raise OSError(f"expert {str(path)!r}: cannot write the converted model to the cache folder {root} "
-                      f"({err}); set DLMOM_CACHE to a writable folder") from err
+                      f"({err}){_cache_hint(err)}") from err
     try:
         try:
             _convert_gguf(path, dtype, tmp)
         except OSError as err:
             raise OSError(f"expert {str(path)!r}: converting the GGUF file into the cache folder {root} failed "
-                          f"({err}); free space there or set DLMOM_CACHE to another folder") from err
+                          f"({err}){_cache_hint(err)}") from err
         except Exception as err:
             raise ValueError(f"expert {str(path)!r}: transformers could not convert this GGUF file "
                              f"({_one_line(err)})") from err
@@ -393,7 +426,7 @@ def _converted_gguf(path: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
             if folder.exists() and _cache_problem(folder) is None:
                 return folder  # another process converted the same file first
             raise OSError(f"expert {str(path)!r}: writing the converted model to the cache folder {root} failed "
-                          f"({err}); free space there or set DLMOM_CACHE to another folder") from err
+                          f"({err}){_cache_hint(err)}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -539,18 +572,28 @@ def _folder_problem(folder: pathlib.Path) -> str | None:
 
 
 _HUB_TIMEOUT_S = 10.0
+_hub_probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time, answer) of the last probe
 
 
 def _hub_unreachable() -> str | None:
-    """Why the model hub cannot be reached (one request, no retries), or None when it answers."""
+    """Why the model hub cannot be reached (one request, no retries), or None when it answers. The answer is
+    reused for a minute (checking every expert before loading, then loading it, asks twice)."""
+    import time
+
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
+    endpoint = constants.ENDPOINT
+    when, answer = _hub_probes.get(endpoint, (-math.inf, None))
+    if time.monotonic() - when < 60:
+        return answer
     try:
-        get_session().head(constants.ENDPOINT, timeout=_HUB_TIMEOUT_S)
+        get_session().head(endpoint, timeout=_HUB_TIMEOUT_S)
+        answer = None
     except Exception as err:  # whatever the HTTP library raises: the reason goes into the error message
-        return f"{type(err).__name__}: {err}"
-    return None
+        answer = f"{type(err).__name__}: {err}"
+    _hub_probes[endpoint] = (time.monotonic(), answer)
+    return answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,7 +634,10 @@ def locate(spec: str | os.PathLike) -> Source:
                              f"or a hub id")
         raise ValueError(f"{name}: {problem if problem.startswith('not a GGUF') else 'GGUF file ' + problem}")
     if is_dir:
-        problem = _folder_problem(path)
+        try:
+            problem = _folder_problem(path)
+        except OSError as err:  # e.g. a folder this user may not read
+            problem = f"folder is unreadable ({err})"
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
         return Source("folder", path)
