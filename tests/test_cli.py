@@ -420,3 +420,23 @@ def test_ctrl_c_before_any_text_prints_one_line(model_folder, monkeypatch, capsy
     monkeypatch.setattr(DLMoM, "generate", generate)
     assert cli.main(["run", "hi", "ho", "--experts", model_folder, "--quiet"]) == 130
     assert capsys.readouterr() == ("", "dlmom: interrupted (Ctrl-C)\n")
+
+
+def test_quiet_keeps_dlmom_warnings_as_one_line_and_drops_the_libraries(model_folder, monkeypatch, capsys):
+    import warnings
+
+    import dlmom.engine
+    from dlmom import cli
+    from dlmom.engine import DLMoM, Result
+
+    def generate(self, prompts, **kwargs):  # as the engine warns (e.g. a budget cut to the model's context)
+        warnings.warn_explicit("max_new_tokens=9 would run past the 8 positions: generating at most 3 tokens",
+                               UserWarning, dlmom.engine.__file__, 1, module="dlmom.engine")
+        warnings.warn_explicit("a library's deprecation", FutureWarning, "/x/transformers/y.py", 1,
+                               module="transformers.y")
+        return [Result("ok", [], [], {}) for _ in prompts]
+
+    monkeypatch.setattr(DLMoM, "generate", generate)
+    assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 0
+    assert capsys.readouterr() == ("ok\n", "dlmom: warning: max_new_tokens=9 would run past the 8 positions: "
+                                           "generating at most 3 tokens\n")

@@ -132,11 +132,15 @@ def _stderr(text: str) -> None:
     print(printable(text), file=sys.stderr)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """dlmom's own warnings as one line; the others as Python shows them."""
+    """dlmom's own warnings (a DLMoMWarning, or any warning raised in dlmom's code) as one line; the others as
+    Python shows them."""
     from .experts import DLMoMWarning
 
-    if issubclass(category, DLMoMWarning):
+    if issubclass(category, DLMoMWarning) or os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
         _stderr(f"dlmom: warning: {message}")
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -183,6 +187,7 @@ def _library_output(quiet: bool):
         hub.disable_progress_bars()
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", category=DLMoMWarning)
+        warnings.filterwarnings("default", module=r"dlmom(\.|$)")
         try:
             with _tqdm_disabled():
                 yield
