@@ -440,3 +440,27 @@ def test_quiet_keeps_dlmom_warnings_as_one_line_and_drops_the_libraries(model_fo
     assert cli.main(["run", "hi", "--experts", model_folder, "--quiet"]) == 0
     assert capsys.readouterr() == ("ok\n", "dlmom: warning: max_new_tokens=9 would run past the 8 positions: "
                                            "generating at most 3 tokens\n")
+
+
+def test_every_setting_has_a_run_flag_with_its_default():
+    import dataclasses
+
+    from dlmom import DLMoMConfig
+    from dlmom.cli import build_parser
+    from dlmom.settings import flag_of
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    actions = {a.dest: a for a in run._actions}
+    help_text = run.format_help()
+    for f in dataclasses.fields(DLMoMConfig):
+        flag = flag_of(DLMoMConfig, f.name)
+        assert f.name in actions and flag in actions[f.name].option_strings, f.name
+        assert flag in help_text
+    # parsed flags become the config, field by field
+    args = run.parse_args(["hi", "--kv", "kivi+minicache", "--kv-merge-start", "3", "--no-share-prefill", "--sample",
+                           "--elect", "mass", "--noise-strength", "0.7"])
+    config = DLMoMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DLMoMConfig)})
+    assert (config.kv, config.kv_merge_start, config.share_prefill, config.do_sample, config.elect,
+            config.noise_strength) == ("kivi+minicache", 3, False, True, "mass", 0.7)
+    defaults = run.parse_args(["hi"])
+    assert DLMoMConfig(**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(DLMoMConfig)}) == DLMoMConfig()

@@ -27,18 +27,18 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-# The DLMoMConfig field or generate argument each option sets, for errors that name the option.
-_OPTION_OF = {"prompts": "PROMPT", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "stop": "--stop",
-              "controller": "--controller", "top_k": "--top-k", "temperature": "--temperature", "top_p": "--top-p",
-              "do_sample": "--sample", "noise": "--noise", "theta": "--theta", "top_m": "--top-m",
-              "max_latent_steps": "--max-latent-steps", "chat": "--no-chat", "kv": "--kv"}
+# The generate argument each option sets, for errors that name the option (DLMoMConfig's fields: flag_of).
+_OPTION_OF = {"prompts": "PROMPT", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "stop": "--stop"}
 
 
 def _blame(err: ValueError) -> str:
     """A library's ValueError about a config field or generate argument, as an error naming the option."""
     message = str(err).removeprefix("DLMoMConfig: ")
     field = re.match(r"\w+", message)
-    option = _OPTION_OF.get(field.group()) if field else None
+    from .engine import DLMoMConfig
+    from .settings import flag_of
+
+    option = (_OPTION_OF.get(field.group()) or flag_of(DLMoMConfig, field.group())) if field else None
     return f"argument {option}: {message}" if option else message
 
 
@@ -61,6 +61,7 @@ def _check_before_loading(args: argparse.Namespace):
     import torch
 
     from .engine import DLMoMConfig, check_generate_args
+    from .settings import field_names
     from .experts import DEFAULT_MODEL_HUB_ID, DEFAULT_ROLES, check_device, default_gguf_path, locate
 
     _check_texts("PROMPT", "prompt", args.prompts)
@@ -71,13 +72,10 @@ def _check_before_loading(args: argparse.Namespace):
     _check_texts("--stop", "stop string", args.stop or [])
     try:
         check_generate_args(args.prompts, args.max_new_tokens, args.seed, args.stop)
-        config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
-                             top_p=args.top_p, do_sample=args.sample, noise=args.noise, theta=args.theta,
-                             top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat,
-                             kv=args.kv)
+        config = DLMoMConfig(**{name: getattr(args, name) for name in field_names(DLMoMConfig)})
     except ValueError as err:
         raise ValueError(_blame(err)) from None
-    if args.method == "single" and args.sample and args.temperature == 0:
+    if args.method == "single" and args.do_sample and args.temperature == 0:
         raise ValueError(f"argument --temperature: --method single --sample samples with transformers, which needs "
                          f"a temperature > 0, got {args.temperature}")
     n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
@@ -244,7 +242,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kv import KV_MODES
+    from .engine import DLMoMConfig
+    from .settings import add_flags
 
     parser = _Parser(
         prog="dlmom", description="Deep-Latent Mixture of Models: several LMs reasoning together in latent space.")
@@ -269,29 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--expert", type=int, metavar="I",
                      help="which expert --method single runs (only with it): an index into the experts (default 0, the "
                           "first)")
-    run.add_argument("--controller", choices=["swir", "explicit", "latent"], default="swir",
-                     help="swir: switch on the entropy trend (default); explicit: always tokens; latent: "
-                          "packets until --max-latent-steps, then tokens")
-    run.add_argument("--top-k", type=int, default=16, metavar="K", help="packet size (default 16)")
-    run.add_argument("--temperature", type=float, default=0.6, metavar="T", help="packet temperature (default 0.6)")
-    run.add_argument("--top-p", type=float, default=0.95, metavar="P", help="packet nucleus mass (default 0.95)")
-    run.add_argument("--sample", action="store_true", help="sample explicit tokens instead of greedy decoding")
-    run.add_argument("--noise", choices=["gumbel", "dirichlet"], help="noise on latent packets (default none)")
-    run.add_argument("--theta", type=float, default=0.0, help="TIES trim threshold on centred logits (default 0)")
-    run.add_argument("--top-m", type=int, metavar="M", help="experts the router keeps per prompt (default all)")
-    run.add_argument("--max-latent-steps", type=int, default=64, metavar="N", help="latent step cap (default 64)")
-    run.add_argument("--kv", choices=KV_MODES, default="full",
-                     help="expert KV cache: full precision (default), KIVI 2-bit, MiniCache (adjacent deep "
-                          "layers merged), or both")
     run.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings: the answer ends before the first")
     run.add_argument("--seed", type=int, help="seed for sampling and packet noise")
-    run.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without chat templates")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="model dtype (default float32)")
     run.add_argument("--device", default="cpu", help="torch device for all experts (default cpu)")
     run.add_argument("--json", action="store_true",
                      help="print the results (text, trace, route, usage) as JSON and nothing else (stderr as "
                           "with --quiet)")
+    add_flags(run.add_argument_group("mixture settings (DLMoMConfig's fields, one flag each)"), DLMoMConfig)
     run.add_argument("--quiet", action="store_true",
                      help="no progress bars, summary line, or logging and warnings of the libraries on stderr "
                           "(errors and dlmom's own warnings still go there)")

@@ -26,8 +26,8 @@ class PacketSettings:
                               flag="--sample")
     noise: str | None = setting(None, "noise on latent packets: gumbel (Gumbel-softmax) or dirichlet",
                                 choices=NOISES)
-    noise_strength: float | None = setting(None, "the noise's tau (gumbel, default 0.5) or alpha (dirichlet, "
-                                           "default 4)", number=True, lo=0, lo_open=True, optional=True)
+    noise_strength: float | None = setting(None, "the noise's tau (gumbel) or alpha (dirichlet); none: 0.5 "
+                                           "for gumbel, 4 for dirichlet", number=True, lo=0, lo_open=True, optional=True)
 
     def __post_init__(self):
         check_fields(self)

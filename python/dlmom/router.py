@@ -19,8 +19,8 @@ from .settings import check_fields, setting
 class RouterSettings:
     """The router (fields of DLMoMConfig)."""
 
-    top_m: int | None = setting(None, "experts the router keeps per prompt after the preview (default: all); the "
-                                "others leave the batch", integer=True, lo=1, optional=True)
+    top_m: int | None = setting(None, "experts the router keeps per prompt after the preview, the others leave "
+                                "the batch (none: all)", integer=True, lo=1, optional=True)
     preview_tokens: int = setting(5, "the router's preview length in tokens (with more than one expert)",
                                   integer=True, lo=0)
 

@@ -56,22 +56,29 @@ def _broken(value, default, rule) -> str | None:
     return None
 
 
+def flag_of(cls, name: str) -> str | None:
+    """The command-line flag of field ``name`` of the settings dataclass ``cls`` (None: no such field)."""
+    for f, rule in _rules(cls):
+        if f.name == name:
+            dashed = f.name.replace("_", "-")
+            return rule["flag"] or (f"--no-{dashed}" if f.default is True else f"--{dashed}")
+    return None
+
+
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field of the settings dataclass ``cls``, with its help and default. Values are not checked
     here: ``cls(**flags)`` checks them, with the same messages as the Python API."""
     for f, rule in _rules(cls):
-        name = rule["flag"] or "--" + f.name.replace("_", "-")
-        text = rule["help"]
+        name, text = flag_of(cls, f.name), rule["help"]
         if isinstance(f.default, bool):
             if f.default:
-                name = rule["flag"] or "--no-" + f.name.replace("_", "-")
                 parser.add_argument(name, dest=f.name, action="store_false", help=f"{text} (default: on)")
             else:
                 parser.add_argument(name, dest=f.name, action="store_true", help=f"{text} (default: off)")
             continue
         kind = int if rule["integer"] else float if rule["number"] else str
         choices = [c for c in rule["choices"] if c is not None] if rule["choices"] is not None else None
-        metavar = None if choices else f.name.upper()
+        metavar = None if choices else "N" if rule["integer"] else "X" if rule["number"] else "TEXT"
         shown = "none" if f.default is None else f.default
         parser.add_argument(name, dest=f.name, type=kind, choices=choices, default=f.default, metavar=metavar,
                             help=f"{text} (default: {shown})")

@@ -78,7 +78,7 @@ class KVSettings:
     kv_group_size: int = setting(32, "KIVI: elements per quantisation group", integer=True, lo=1)
     kv_residual_length: int = setting(128, "KIVI / MiniCache: newest tokens kept in full precision (KIVI: a "
                                       "multiple of kv_group_size)", integer=True, lo=1)
-    kv_merge_start: int | None = setting(None, "MiniCache: the first merged layer (default: mid-depth)",
+    kv_merge_start: int | None = setting(None, "MiniCache: the first merged layer (none: mid-depth)",
                                          integer=True, lo=0, optional=True)
     kv_merge_t: float = setting(MERGE_T, "MiniCache: SLERP weight of the deeper layer's direction", number=True,
                                 lo=0, hi=1)
