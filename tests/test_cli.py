@@ -258,7 +258,8 @@ def test_sigint_ends_a_run_with_130_and_no_traceback(model_folder):
     assert out == b"" and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
     assert lines[-1].startswith("dlmom: interrupted (Ctrl-C)"), stderr
-    assert sum(line.startswith("dlmom:") for line in lines) == 1, stderr
+    # (the budget past the tiny model's 512 positions is cut with one "dlmom: warning:" line before decoding)
+    assert sum(line.startswith("dlmom:") and not line.startswith("dlmom: warning:") for line in lines) == 1, stderr
 
 
 # ---- stderr: quiet means quiet, errors on a line of their own, no raw control characters ----
