@@ -48,7 +48,7 @@ static View to_view(const py::object& obj) {
 
 PYBIND11_MODULE(DLMOM_MODULE, m) {
   m.doc() = "dlmom kernels (raw pointers in, no torch); use dlmom.ops instead";
-  m.def("soft_embed", [](py::object ids, py::object probs, py::object weight, float scale,
+  m.def("soft_embed", [](py::object ids, py::object probs, py::object weight, double scale,
                          py::object out DLMOM_STREAM_ARG) {
     dlmom::DLMOM_SUFFIX(soft_embed)(to_view(ids), to_view(probs), to_view(weight), scale, to_view(out)
                                     DLMOM_STREAM);

@@ -6,10 +6,10 @@
 
 namespace dlmom {
 
-// out[b, :] = scale * sum_i probs[b, i] * weight[ids[b, i], :]
+// out[b, :] = scale * sum_i probs[b, i] * weight[ids[b, i], :], accumulated in fp64
 //   ids [B, k] int32/int64, probs [B, k] float, weight [V, D] float (any row stride), out [B, D] weight.dtype
-void soft_embed_cpu(const View& ids, const View& probs, const View& weight, float scale, const View& out);
-void soft_embed_cuda(const View& ids, const View& probs, const View& weight, float scale, const View& out,
+void soft_embed_cpu(const View& ids, const View& probs, const View& weight, double scale, const View& out);
+void soft_embed_cuda(const View& ids, const View& probs, const View& weight, double scale, const View& out,
                      void* stream);
 
 // logits [B, V] float -> ids [B, k] int64, probs [B, k] float32, entropy [B] float32 (NaN for a row that

@@ -164,6 +164,51 @@ def test_binding_refuses_out_overlapping_an_input():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["products overflow fp32", "partial sums overflow fp32", "products underflow fp32",
+                                  "scale 0 times huge", "scale beyond fp32"])
+def test_extreme_magnitudes_give_the_exact_value_rounded(device, backend, dtype, case, monkeypatch):
+    # Finite inputs whose products or partial sums leave the fp32 range while the result fits: the result is
+    # the exact value rounded to the dtype, as the float64 computation gives.
+    monkeypatch.setenv("DLMOM_BACKEND", backend)
+    m = torch.finfo(dtype).max
+    sub = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+    c = 2.0 ** 127 / m  # c * m = 2^127: two of them overflow fp32
+    weight = [[m, 1.0], [m, 3.0], [sub, 4 * sub]]
+    if case == "products overflow fp32":  # +-4c * m = +-2^129, the sums 0 and -8c
+        ids, probs, scale = [0, 1], [4 * c, -4 * c], 1 / c
+    elif case == "partial sums overflow fp32":  # 2^127 + 2^127 first
+        ids, probs, scale = [0, 0, 1, 1], [c, c, -c, -c], 1 / c
+    elif case == "products underflow fp32":  # 2^-100 * sub is 0 in fp32
+        ids, probs, scale = [2, 2], [2.0 ** -100, 2.0 ** -100], 2.0 ** 99 / sub
+    elif case == "scale 0 times huge":  # inf * 0 in fp32
+        ids, probs, scale = [0, 1], [4 * c, 1.0], 0.0
+    else:  # the scale, >= 2^134, is inf as a float32
+        ids, probs, scale = [2], [2.0 ** -120], 2.0 ** 110 / sub
+    ids, weight = torch.tensor([ids]), torch.tensor(weight, dtype=torch.float64).to(dtype)
+    probs = torch.tensor([probs]).float()  # what the op gets
+    want = (scale * (probs.double().unsqueeze(-1) * weight.double()[ids]).sum(-2)).float().to(dtype)
+    assert bool(torch.isfinite(want).all()) and bool((want != 0).any() or scale == 0), want
+    got = dlmom.soft_embed(ids.to(device), probs.to(device), weight.to(device), scale=scale)
+    torch.testing.assert_close(got, want.to(device), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rounding_error_times_a_huge_scale_is_not_inf(device):
+    # Found by tests/test_fuzz_ops.py: the exact sum is 0, the fp32 one a rounding residue of ~1e29, which a
+    # scale of 1e30 took past the fp32 range (inf). Such a sum is redone in fp64.
+    weight = torch.tensor([[1.0832e36]], device=device)
+    ids = torch.zeros(1, 5, dtype=torch.long, device=device)
+    probs = torch.tensor([[3.0, -3.0, -2.0, -1.0, 3.0]], device=device)
+    residue = dlmom.soft_embed(ids, probs, weight)
+    assert float(residue) != 0, "no fp32 rounding residue here: the case tests nothing"
+    assert abs(float(residue)) < 1e-6 * 1.0832e36 * 12  # within fp32's error of the sum
+    got = dlmom.soft_embed(ids, probs, weight, scale=1e30)
+    torch.testing.assert_close(got, torch.zeros(1, 1, device=device), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_probabilities_need_not_sum_to_one(device):
     ids = torch.tensor([[1, 1, 2]], device=device)
     weight = torch.arange(12.0, device=device).view(4, 3)

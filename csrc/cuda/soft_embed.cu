@@ -10,38 +10,57 @@ namespace {
 constexpr const char* kOp = "soft_embed";
 constexpr int kThreads = 256;
 
+// This thread's sum_i probs[b, i] * weight[ids[b, i], d] as Acc; every thread of the block must call it (it
+// stages the packet in shared memory).
+template <typename Acc, typename W, typename P, typename I>
+__device__ Acc row_sum(const I* __restrict__ row_ids, const P* __restrict__ row_probs, const W* __restrict__ weight,
+                       int64_t w_s0, int64_t V, int64_t k, int64_t D, int64_t d, int64_t* s_id, float* s_p) {
+  Acc acc = Acc(0);
+  for (int64_t i0 = 0; i0 < k; i0 += kThreads) {
+    const int64_t n = (k - i0 < kThreads) ? k - i0 : kThreads;
+    if (threadIdx.x < n) {
+      s_id[threadIdx.x] = load_id(row_ids, i0 + threadIdx.x);
+      s_p[threadIdx.x] = to_float(row_probs[i0 + threadIdx.x]);
+    }
+    __syncthreads();
+    if (d < D) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t id = s_id[i];
+        // Python validated the ids; an out-of-range id still never reads out of bounds.
+        if (id >= 0 && id < V) acc += Acc(s_p[i]) * Acc(to_float(weight[id * w_s0 + d]));
+      }
+    }
+    __syncthreads();
+  }
+  return acc;
+}
+
 template <typename W, typename P, typename I>
 __global__ void soft_embed_kernel(const I* __restrict__ ids, int64_t ids_s0, const P* __restrict__ probs,
                                   int64_t probs_s0, const W* __restrict__ weight, int64_t w_s0, int64_t V,
-                                  W* __restrict__ out, int64_t out_s0, int64_t B, int64_t k, int64_t D, float scale) {
+                                  W* __restrict__ out, int64_t out_s0, int64_t B, int64_t k, int64_t D,
+                                  double scale, bool float_scale) {
   __shared__ int64_t s_id[kThreads];
   __shared__ float s_p[kThreads];
   const int64_t d = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    float acc = 0.f;
-    for (int64_t i0 = 0; i0 < k; i0 += kThreads) {
-      const int64_t n = (k - i0 < kThreads) ? k - i0 : kThreads;
-      if (threadIdx.x < n) {
-        s_id[threadIdx.x] = load_id(ids + b * ids_s0, i0 + threadIdx.x);
-        s_p[threadIdx.x] = to_float(probs[b * probs_s0 + i0 + threadIdx.x]);
-      }
-      __syncthreads();
-      if (d < D) {
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t id = s_id[i];
-          // Python validated the ids; an out-of-range id still never reads out of bounds.
-          if (id >= 0 && id < V) acc += s_p[i] * to_float(weight[id * w_s0 + d]);
-        }
-      }
-      __syncthreads();
+    const I* row_ids = ids + b * ids_s0;
+    const P* row_probs = probs + b * probs_s0;
+    const float acc = row_sum<float>(row_ids, row_probs, weight, w_s0, V, k, D, d, s_id, s_p);
+    const float v = soft_embed_scaled(acc, float_scale, float(scale), scale);
+    // An extreme sum anywhere in the block: the block redoes the row in fp64 (soft_embed.h).
+    if (__syncthreads_or(d < D && soft_embed_redo<W>(acc, v))) {
+      const double acc64 = row_sum<double>(row_ids, row_probs, weight, w_s0, V, k, D, d, s_id, s_p);
+      if (d < D) out[b * out_s0 + d] = from_float<W>(float(scale * acc64));
+    } else if (d < D) {
+      out[b * out_s0 + d] = from_float<W>(v);
     }
-    if (d < D) out[b * out_s0 + d] = from_float<W>(scale * acc);
   }
 }
 
 }  // namespace
 
-void soft_embed_cuda(const View& ids, const View& probs, const View& weight, float scale, const View& out,
+void soft_embed_cuda(const View& ids, const View& probs, const View& weight, double scale, const View& out,
                      void* stream) {
   soft_embed_check(ids, probs, weight, out);
   const int64_t B = ids.size[0], k = ids.size[1], V = weight.size[0], D = weight.size[1];
@@ -53,12 +72,12 @@ void soft_embed_cuda(const View& ids, const View& probs, const View& weight, flo
         soft_embed_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
             static_cast<const int32_t*>(ids.data), ids.stride[0], static_cast<const P*>(probs.data), probs.stride[0],
             static_cast<const W*>(weight.data), weight.stride[0], V, static_cast<W*>(out.data), out.stride[0], B, k,
-            D, scale);
+            D, scale, soft_embed_float_scale(scale));
       else
         soft_embed_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
             static_cast<const int64_t*>(ids.data), ids.stride[0], static_cast<const P*>(probs.data), probs.stride[0],
             static_cast<const W*>(weight.data), weight.stride[0], V, static_cast<W*>(out.data), out.stride[0], B, k,
-            D, scale);
+            D, scale, soft_embed_float_scale(scale));
     });
   });
   check_launch(kOp);

@@ -160,7 +160,12 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
           writes a new tensor, which is copied into out). An out that addresses one element twice (a stride
           of 0 on a dim longer than 1, e.g. from ``expand``) is refused.
 
-    Returns ``[..., D]`` in ``weight.dtype``; accumulation is fp32.
+    Returns ``[..., D]`` in ``weight.dtype``; accumulation is fp32. Extreme magnitudes: a sum that leaves the
+    fp32 range (products or partial sums of finite inputs beyond 3.4e38, or a sum below 2^-96 where products
+    may have underflowed) is recomputed in fp64, and a scale beyond the float range is applied in fp64, so for
+    any finite inputs the error is that of an fp32 sum and a result that fits ``weight.dtype`` is never inf,
+    NaN or a flushed 0 (inf only where the exact value is beyond the dtype's range; NaN and inf in probs or
+    weight propagate).
     """
     op = "soft_embed"
     _check_tensor(op, "ids", ids, min_dims=1, dtypes=(torch.int32, torch.int64))

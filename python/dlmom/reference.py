@@ -13,9 +13,14 @@ from .op_types import Packet, QuantizedKV
 
 
 def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
-    """scale * sum_i probs[..., i] * weight[ids[..., i]], accumulated in fp32, returned in weight.dtype."""
-    rows = weight[ids.long()].float()  # [..., k, D]
-    out = scale * (probs.float().unsqueeze(-1) * rows).sum(-2)
+    """scale * sum_i probs[..., i] * weight[ids[..., i]], accumulated in fp64, returned in weight.dtype.
+
+    fp64 holds every product of two floats exactly and no sum of them overflows, so this is the exact value
+    rounded to weight.dtype (up to the fp64 rounding of the sum): an oracle at least as accurate as the kernels'
+    fp32 sums, which agree with it to fp32's error.
+    """
+    rows = weight[ids.long()].double()  # [..., k, D]
+    out = scale * (probs.double().unsqueeze(-1) * rows).sum(-2)
     return out.to(weight.dtype)
 
 
