@@ -41,6 +41,17 @@ constexpr float kMaxLogit = 0x1p96f;  // dlmom.reference.TIES_MAX_LOGIT
 #endif
 
 DLMOM_HD bool is_finite(float x) { return fabsf(x) < kInf; }
+
+// A product that is never contracted with the add after it into an fma: the reference rounds each product and
+// each sum, so the scores match it bit for bit even where rounding decides an election. (ties_merge.cpp builds
+// with fp-contract=off; nvcc keeps __fmul_rn apart.)
+DLMOM_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 DLMOM_HD float sign(float v) { return float(v > 0.f) - float(v < 0.f); }
 
 // ---- pass 1: row means over [V] ----
@@ -73,7 +84,8 @@ DLMOM_HD float centre(float x, float mean, float theta) {
 
 // merged value of one token from its E logits x(e) (as float), the row means mean[e] and the weights
 // w[e]. kE > 0 fixes E at compile time (unrolled loops, everything in registers); kE == 0 loops over the
-// runtime E. Branch-free apart from the loops, so the CPU kernel vectorises it across tokens.
+// runtime E. Branch-free apart from the loops, so the CPU kernel vectorises it across tokens. The sums over
+// experts run in expert order from 0, every product rounded (mul_rn), as dlmom.reference.ties_merge does.
 // The second loop recomputes v instead of storing it: with kE > 0 the compiler shares the loads, and
 // with kE == 0 no [E] scratch is needed.
 template <int kE, typename Load>
@@ -90,14 +102,14 @@ DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* 
     lowest = xe < lowest ? xe : lowest;
     const float v = centre(xe, mean[e], theta);
     const float s = sign(v);
-    score += w[e] * (mass ? v : s);
+    score += mul_rn(w[e], mass ? v : s);
   }
   const float elected = sign(score);
   float num = 0.f, den = 0.f;
   TIES_UNROLL
   for (int e = 0; e < n; ++e) {
     const float v = centre(x(e), mean[e], theta);
-    const float wv = w[e] * v;
+    const float wv = mul_rn(w[e], v);
     // Signs are -1, 0 or 1: the product is 1 exactly when sign(v) == elected != 0 (so trimmed experts,
     // v == 0, never agree).
     const bool agree = sign(v) * elected > 0.f;

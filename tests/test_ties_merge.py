@@ -327,6 +327,32 @@ def test_logits_beyond_the_magnitude_limit_are_refused(device, backend, dtype, b
         dlmom.ties_merge(layout(x, False))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+def test_election_sums_experts_in_order_without_fma(device, elect):
+    # The scores and means over experts are fp32 sums in expert order with every product rounded (no fma),
+    # in the kernels and the reference alike, so even an election decided by rounding agrees.
+    # Found by tests/test_fuzz_ops.py (vote): weights 3e38, 1, 3e38 -> ratios beyond 2^24, and E = 9 (the generic
+    # kernel), where torch's sum over experts took another order than the kernel.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(-64, 65, (9, 2), generator=g).double() / 8).float().to(device)
+    w = torch.tensor([0.0] * 6 + [3e38, 1.0, 3e38], device=device)
+    torch.testing.assert_close(dlmom.ties_merge(x, elect=elect, weights=w),
+                               reference.ties_merge(x, elect=elect, weights=w), atol=0, rtol=0)
+    # (mass) 0.5 * c + 0.05 * 3 with c = -2 * fl(0.05 * 3): 0 with the product rounded, its rounding error with
+    # an fma; each expert's row is [a, -a], so v = x exactly.
+    r = torch.tensor(0.05, dtype=torch.float32) * 3  # fl(0.05f * 3)
+    assert float(r.double()) != 0.05 * 3 and float(torch.tensor(0.1, dtype=torch.float32)) / 2 == float(
+        torch.tensor(0.05, dtype=torch.float32)), "the product must be inexact for this case to test anything"
+    c = float(-2 * r)
+    x = torch.tensor([[[c, -c]], [[3.0, -3.0]]], device=device)  # [E=2, B=1, V=2]
+    w = torch.tensor([1.0, 0.1], device=device)  # scaled by 1/2: 0.5 and 0.05 exactly
+    got = dlmom.ties_merge(x, elect=elect, weights=w)
+    torch.testing.assert_close(got, reference.ties_merge(x, elect=elect, weights=w), atol=0, rtol=0)
+    if elect == "mass":
+        torch.testing.assert_close(got, torch.zeros(1, 2, device=device), atol=0, rtol=0)  # a tie
+
+
 # ---- errors ----
 
 def _x(device="cpu"):

@@ -5,6 +5,11 @@
 // a select whose arm could raise a floating-point exception; nothing here reads the FP exception flags.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
+// No fma: the merge must round every product as the reference does (ties_merge.h: mul_rn).
+#pragma GCC optimize("fp-contract=off")
+#endif
+#if defined(__clang__)
+#pragma clang fp contract(off)
 #endif
 
 #include <algorithm>

@@ -99,12 +99,18 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     v = torch.where(finite, x - mean, torch.zeros_like(x))
     v = torch.where(v.abs() >= theta, v, torch.zeros_like(v))
     w = ties_weights(weights, E, x.device)
-    w = w.view(E, *([1] * (x.dim() - 1)))
     s = torch.sign(v)
-    elected = torch.sign((w * s).sum(0) if elect == "vote" else (w * v).sum(0))
+    # Sums over experts in expert order, each product and sum rounded to fp32 (as the kernels: an election
+    # that rounding decides is decided alike; torch's sum(0) may take another order).
+    score = torch.zeros_like(x[0])
+    for e in range(E):
+        score = score + w[e] * (s[e] if elect == "vote" else v[e])
+    elected = torch.sign(score)
     agree = (s == elected) & (elected != 0)
-    num = torch.where(agree, w * v, torch.zeros_like(v)).sum(0)
-    den = torch.where(agree, w.expand_as(v), torch.zeros_like(v)).sum(0)
+    num, den = torch.zeros_like(score), torch.zeros_like(score)
+    for e in range(E):
+        num = num + torch.where(agree[e], w[e] * v[e], 0.0)
+        den = den + torch.where(agree[e], w[e], 0.0)
     merged = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
     masked = (x == -math.inf).any(0)
     return torch.where(masked, torch.full_like(merged, -math.inf), merged)
