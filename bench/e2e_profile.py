@@ -2,7 +2,7 @@
 
 One dlmom run (default experts, DLMoMConfig's defaults: the swir controller) under cProfile with a clock
 that stops while a model's forward runs (a pre-hook and a hook on every expert model, the call
-``SoftThinkingEngine._run`` makes), so every function's own time is its time outside the forwards. The
+``SoftThinkingRunner._run`` makes), so every function's own time is its time outside the forwards. The
 three functions with the largest own time are the three largest costs; ``via`` names the first dlmom
 function on their heaviest call path (the function itself when it is dlmom's). The profiler slows Python
 code down, so the same run is also timed without it: ``overhead_s`` / ``overhead_fraction`` come from
@@ -75,8 +75,9 @@ def profile(*, prompts: int, max_new_tokens: int, dtype: torch.dtype, device: st
 
     clock = ForwardFreeClock()
     handles = []
-    for engine in mixture.engines:
-        handles += [engine.model.register_forward_pre_hook(clock.stop), engine.model.register_forward_hook(clock.go)]
+    for group in mixture.groups:
+        model = group[0].model
+        handles += [model.register_forward_pre_hook(clock.stop), model.register_forward_hook(clock.go)]
     profiler = cProfile.Profile(clock)
     try:
         start = time.perf_counter()

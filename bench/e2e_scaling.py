@@ -54,7 +54,7 @@ def run_point(point: dict, model, tokenizer, max_new_tokens: int, repeats: int) 
     wall, forward = usage["wall_s"], usage["expert_forward_s"]
     steps = max(len(r.trace) for r in best)
     return {
-        **point, "engines": len(mixture.engines), "controller": CONTROLLER, "max_new_tokens": max_new_tokens,
+        **point, "models": len(mixture.groups), "controller": CONTROLLER, "max_new_tokens": max_new_tokens,
         "repeats": repeats, "decode_steps": steps, "latent_steps": usage["latent_steps"],
         "wall_s": round(wall, 4), "expert_forward_s": round(forward, 4),
         "overhead_fraction": round((wall - forward) / wall, 4), "step_s": round(wall / steps, 5),

@@ -8,6 +8,7 @@ import torch
 
 import dlmom
 from dlmom import DLMoM, DLMoMConfig, Expert
+from dlmom.soft_thinking import SoftThinkingRunner
 from tiny_models import gemma3, hf_greedy, llama, tokenizer
 
 PROMPTS = ["What is 12 * 7?", "Add 3 to 5.", "Write a function that returns the sum of a list of numbers."]
@@ -68,7 +69,7 @@ def test_identical_experts_agree_with_one(model, tok):
     # Three roles of one model (one batched forward) and three separate copies (three forwards).
     roles = DLMoM([Expert(model, tok, name=f"r{i}") for i in range(3)], config=DLMoMConfig(controller="explicit"))
     copies = DLMoM([(copy.deepcopy(model), tok) for _ in range(3)], config=DLMoMConfig(controller="explicit"))
-    assert len(roles.engines) == 1 and len(copies.engines) == 3
+    assert len(roles.groups) == 1 and len(copies.groups) == 3
     for moe in (roles, copies):
         res = moe.generate([PROMPTS[0]], max_new_tokens=16)[0]
         assert res.text == expected
@@ -122,8 +123,9 @@ def test_text_bridge_between_different_tokenizers():
     moe = DLMoM([(llama(a, seed=0), a), (llama(b, seed=1, extra_rows=13), b)],
                 config=DLMoMConfig(controller="explicit", preview_tokens=0))
     assert moe.bridged == [False, True]
-    res = moe.generate(PROMPTS[:2], max_new_tokens=12)
-    bridged = moe.engines[1]
+    generation = moe.start(PROMPTS[:2], max_new_tokens=12)
+    res = generation.run()
+    bridged = generation.runners[1]
     assert sum(u["decode_tokens"] for u in res[0].usage["experts"] if u["expert"] == moe.experts[1].name) > 0
     # The bridged expert's cache holds its prompt plus the re-encoded text of what was generated (all of
     # it but the last token, which no forward needed).
@@ -195,10 +197,12 @@ def test_kivi_cache_equals_full_while_nothing_is_quantised(model, tok):
 def test_kivi_cache_in_the_loop_holds_fewer_bytes(model, tok):
     roles = [Expert(model, tok, name=f"r{i}") for i in range(2)]
     moe = DLMoM(roles, config=DLMoMConfig(top_k=4, kv="kivi", kv_group_size=8, kv_residual_length=16))
-    kivi = moe.generate(PROMPTS, max_new_tokens=24)
+    generation = moe.start(PROMPTS, max_new_tokens=24)
+    kivi = generation.run()
     full = DLMoM(roles, config=DLMoMConfig(top_k=4)).generate(PROMPTS, max_new_tokens=24)
-    assert isinstance(moe.engines[0].cache, dlmom.KIVICache)
-    assert moe.engines[0].cache.layers[0].quantized_keys, "prompts longer than 16 tokens must be quantised"
+    cache = generation.runners[0].cache
+    assert isinstance(cache, dlmom.KIVICache)
+    assert cache.layers[0].quantized_keys, "prompts longer than 16 tokens must be quantised"
     assert all(len(r.trace) == 24 for r in kivi)
     small, big = _cache_bytes(kivi[0]), _cache_bytes(full[0])
     assert all(0 < small[name] < 0.6 * big[name] for name in big), (small, big)
@@ -228,18 +232,18 @@ def test_shared_prefill_equals_separate_prefill(model, tok):
     experts = _roles(model, tok)
     shared = DLMoM(experts, config=DLMoMConfig(controller="explicit"))
     alone = DLMoM(experts, config=DLMoMConfig(controller="explicit", share_prefill=False))
-    engine_s, engine_a = shared.engines[0], alone.engines[0]
-    logits_s = engine_s.prefill(PROMPTS, chat=True)
-    logits_a = engine_a.prefill(PROMPTS, chat=True, share_prefix=False)
+    runner_s, runner_a = SoftThinkingRunner(experts), SoftThinkingRunner(experts)
+    logits_s = runner_s.prefill(PROMPTS, chat=True)
+    logits_a = runner_a.prefill(PROMPTS, chat=True, share_prefix=False)
     torch.testing.assert_close(logits_s, logits_a, rtol=1e-4, atol=1e-4)
     # The shared part is the chat template's opening up to where the system prompts differ.
     rows = [[e.prompt_ids(p, chat=True) for e in experts] for p in PROMPTS]
     common = [next(i for i, col in enumerate(zip(*r)) if len(set(col)) > 1) for r in rows]
     assert min(common) > 0
-    assert engine_s.shared_prefill_tokens == [0] + [sum(common)] * 2
-    assert engine_s.prefill_tokens[0] == engine_a.prefill_tokens[0]
-    assert [s + c for s, c in zip(engine_s.prefill_tokens[1:], engine_s.shared_prefill_tokens[1:])] == \
-        engine_a.prefill_tokens[1:]
+    assert runner_s.shared_prefill_tokens == [0] + [sum(common)] * 2
+    assert runner_s.prefill_tokens[0] == runner_a.prefill_tokens[0]
+    assert [s + c for s, c in zip(runner_s.prefill_tokens[1:], runner_s.shared_prefill_tokens[1:])] == \
+        runner_a.prefill_tokens[1:]
     res_s, res_a = shared.generate(PROMPTS, max_new_tokens=10), alone.generate(PROMPTS, max_new_tokens=10)
     assert [r.text for r in res_s] == [r.text for r in res_a]
     assert res_s[0].usage["shared_prefill_tokens"] == 2 * sum(common) and res_a[0].usage["shared_prefill_tokens"] == 0

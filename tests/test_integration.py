@@ -36,7 +36,7 @@ def test_default_three_roles_think_in_latent_space(smol):
     experts = default_experts()
     assert len({id(e.model) for e in experts}) == 1 and len(experts) == 3
     moe = DLMoM(experts)
-    assert len(moe.engines) == 1  # three roles, one batched forward
+    assert len(moe.groups) == 1  # three roles, one batched forward
     res = moe.generate(["What is 12 * 7?"], max_new_tokens=24, seed=0)[0]
     assert res.text.strip()
     modes = [t["mode"] for t in res.trace]

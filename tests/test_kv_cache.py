@@ -9,7 +9,7 @@ from transformers import DynamicCache, LlamaConfig
 
 import dlmom
 import tiny_models
-from dlmom.kv_cache import KV_MODES, KIVILayer, MiniCacheLayer, cache_nbytes, new_cache
+from dlmom.kv import KV_MODES, KIVILayer, MiniCacheLayer, cache_nbytes, new_cache
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_quantised_parts_are_within_half_a_step(prefill, n, group_size, residual
         assert q.axis == -1 and q.shape[-2] == nv
         assert (_half_step_error(q, values[..., :nv, :]) <= 1e-6).all()
     # What attention sees next: the dequantised history, then the full-precision tails.
-    dk, dv = layer._archived()
+    dk, dv = layer.archived()
     step_k, step_v = layer.update(keys[..., :1, :], values[..., :1, :])
     assert torch.equal(step_k[..., :nk, :], dk) and torch.equal(step_v[..., :nv, :], dv)
     assert torch.equal(step_k[..., nk:n, :], keys[..., nk:, :])
@@ -248,7 +248,7 @@ def test_new_cache_and_cache_nbytes(model, tok):
 
 def test_exported_lazily():
     assert "KIVICache" in dlmom.__all__
-    from dlmom.kv_cache import KIVICache
+    from dlmom.kv import KIVICache
 
     assert dlmom.KIVICache is KIVICache
     assert repr(KIVICache()) == "KIVICache(group_size=32, residual_length=128, layers=0)"
@@ -312,7 +312,7 @@ def _feed_pair(cache, states: list[torch.Tensor], *, prefill: int):
         cache.update(k1[..., t:t + 1, :], v1[..., t:t + 1, :], 1)
     out = []
     for layer in cache.layers:
-        dk, dv = layer._archived()
+        dk, dv = layer.archived()
         out += [torch.cat([dk, layer.keys], dim=-2), torch.cat([dv, layer.values], dim=-2)]
     return out
 
@@ -354,7 +354,7 @@ def test_minicache_restores_magnitude_times_slerp_and_retained_tokens_exactly(t,
         assert torch.equal(out[2 + kind][..., :na, :][keep], xb[keep])  # retained: the layer's own vector
         for layer in (0, 1):  # the window: exact
             assert torch.equal(out[2 * layer + kind][..., na:n, :], states[2 * layer + kind][..., na:, :])
-        stream = cache.layers[0]._arc[kind].stream
+        stream = cache.layers[0].archives[kind].stream
         assert stream.pending is None and len(stream) == na and len(stream.retained) == keep.sum()
 
 
@@ -395,7 +395,7 @@ def test_identical_adjacent_layers_restore_exactly(kind, t):
     cache = _merged(kind, residual_length=16, merge_start=0, merge_t=t, merge_threshold=0.0,
                     config=LlamaConfig(num_hidden_layers=2))
     out = _feed_pair(cache, states, prefill=60)
-    stream = cache.layers[0]._arc[1].stream
+    stream = cache.layers[0].archives[1].stream
     assert len(stream) == 64 and len(stream.retained) == 0  # identical directions: nothing is retained
     if kind == "minicache":
         for got, want in zip(out, states):
@@ -420,7 +420,7 @@ def test_a_pair_that_retains_every_token_is_stored_as_two_unmerged_layers(kind):
                     config=LlamaConfig(num_hidden_layers=2))
     out = _feed_pair(cache, states, prefill=60)
     for k in (0, 1):
-        stream = cache.layers[0]._arc[k].stream
+        stream = cache.layers[0].archives[k].stream
         assert stream.split and len(stream) == 64 and stream.retained.mask is None
     plain = [MiniCacheLayer(residual_length=16) if kind == "minicache"
              else KIVILayer(group_size=8, residual_length=16) for _ in range(2)]
@@ -430,7 +430,7 @@ def test_a_pair_that_retains_every_token_is_stored_as_two_unmerged_layers(kind):
             layer.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
     want = []
     for layer in plain:
-        dk, dv = layer._archived()
+        dk, dv = layer.archived()
         want += [torch.cat([dk, layer.keys], dim=-2), torch.cat([dv, layer.values], dim=-2)]
     for got, w, x in zip(out, want, states):
         assert torch.equal(got, w)
@@ -457,7 +457,7 @@ def test_retained_tokens_after_a_merged_start_cost_at_most_the_magnitudes():
             layer.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
     extra = 0
     for k in (0, 1):
-        stream = cache.layers[0]._arc[k].stream
+        stream = cache.layers[0].archives[k].stream
         na = len(stream)
         assert not stream.split and len(stream.retained) == 2 * 3 * (na - first)  # all pairs after `first`
         got, x = out[2 + k][..., first:na, :], states[2 + k][..., first:na, :]
@@ -515,7 +515,7 @@ def test_merged_caches_hold_less_at_2048_tokens_and_never_more_than_unmerged(dee
     assert caches["kivi+minicache@0"].nbytes() == kivi and caches["minicache@0"].nbytes() == full
     assert torch.equal(last["kivi+minicache@0"], last["kivi"]) and torch.equal(last["minicache@0"], last["full"])
     for name, cache in caches.items():
-        streams = [s.stream for layer in cache.layers if getattr(layer, "role", None) == "a" for s in layer._arc]
+        streams = [s.stream for layer in cache.layers if getattr(layer, "role", None) == "a" for s in layer.archives]
         assert len(streams) == (0 if "minicache" not in name else 4)
         for s in streams:
             assert s.pending is None and s.split == name.endswith("@0") and len(s) == (n_v if s.split else len(s))
@@ -533,7 +533,7 @@ def test_greedy_generate_runs_with_a_merged_cache(deep, tok, kind, with_config):
         got = deep.generate(ids, cache=cache, **args)
     assert got.shape == (1, n + new) and torch.equal(got[:, :n], ids)
     assert cache.get_seq_length() == n + new - 1
-    stream = cache.layers[2]._arc[1].stream
+    stream = cache.layers[2].archives[1].stream
     assert len(stream) == n + new - 1 - 32 and stream.pending is None  # values: all but the window merged
 
 
@@ -563,7 +563,7 @@ def test_batch_select_reorder_and_repeat_on_a_merged_cache(deep, tok, kind, thre
     # merging is still the cheaper form; threshold 0 retains every token, so the pair is stored split.
     both = _merged(kind, config=deep.config, merge_threshold=threshold)
     _forward(deep, ids, both, "cache")
-    for stream in (s.stream for s in both.layers[2]._arc):
+    for stream in (s.stream for s in both.layers[2].archives):
         assert stream.split == (threshold == 0)
         if not stream.split:
             mask = stream.retained.mask  # [n, B, H]

@@ -2,7 +2,7 @@
 import torch
 
 from dlmom import Expert, router
-from dlmom.soft_thinking import SoftThinkingEngine
+from dlmom.soft_thinking import SoftThinkingRunner
 from tiny_models import hf_greedy, llama, tokenizer
 
 
@@ -30,9 +30,9 @@ def test_the_expert_that_wrote_the_preview_ranks_first():
     fit(author, tok, prompts, ["The answer is 84.", "The answer is 8."])
     previews = [hf_greedy(author, tok, p, 6) for p in prompts]
     assert previews[0].startswith("The answer"), previews
-    engines = [SoftThinkingEngine([Expert(stranger, other_tok, name="stranger")]),
-               SoftThinkingEngine([Expert(author, tok, name="author")])]
-    bpb = router.score(engines, prompts, previews, chat=True)
+    runners = [SoftThinkingRunner([Expert(stranger, other_tok, name="stranger")]),
+               SoftThinkingRunner([Expert(author, tok, name="author")])]
+    bpb = router.score(runners, prompts, previews, chat=True)
     assert bpb.shape == (2, 2) and bool((bpb > 0).all())
     assert bool((bpb[1] < bpb[0]).all()), bpb  # per byte: comparable across the two tokenizers
     kept, weights = router.select(bpb, top_m=1)

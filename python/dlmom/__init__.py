@@ -59,7 +59,7 @@ def __getattr__(name):
 
         return Expert
     if name in ("KIVICache", "MiniCache"):
-        from . import kv_cache
+        from . import kv
 
-        return getattr(kv_cache, name)
+        return getattr(kv, name)
     raise AttributeError(f"module 'dlmom' has no attribute {name!r}")

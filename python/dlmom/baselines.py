@@ -21,15 +21,31 @@ agent (an answer read by two later agents counts twice), 0 for single.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import torch
 
-from .engine import DLMoM, DLMoMConfig, Result, _seeded, check_generate_args
-from .experts import Expert, as_experts
+from .engine import DLMoM, DLMoMConfig, check_generate_args
+from .experts import Expert, as_experts, fit_budget
+from .results import Result, cut_at_stop
 from .soft_thinking import _left_pad
 
 METHODS = ("dlmom", "single", "text-mas")
+# transformers' generate samples from torch's process-wide RNG: seeded baseline runs take turns on it.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """All randomness of one baseline call from ``seed``, without disturbing the caller's RNG state; seeded
+    calls from several threads run one at a time, so each still reproduces."""
+    if seed is None:
+        yield
+        return
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
@@ -61,6 +77,7 @@ def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: 
     eos = expert.eos_ids()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos or {0})
     rows = [expert.prompt_ids(p, chat=config.chat) for p in prompts]
+    max_new_tokens = fit_budget(max_new_tokens, [(expert, expert.context_room(rows))])
     ids, mask = _left_pad(rows, pad_id, expert.device)
     sampling = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if config.do_sample \
         else dict(do_sample=False)
@@ -78,11 +95,6 @@ def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: 
     counts = {"expert": expert.name, "prefill_tokens": int(mask.sum()),
               "decode_tokens": max(steps - 1, 0) * len(prompts), "generated_tokens": generated}
     return texts, counts
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    hit = [text.index(s) for s in stops if s in text]
-    return text[:min(hit)] if hit else text
 
 
 def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
@@ -109,7 +121,7 @@ def single(experts, prompts: list[str], *, expert: int = 0, max_new_tokens: int 
     chosen = experts[expert]
     start, clock = time.perf_counter(), [0.0]
     texts, counts = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
-    texts = [_cut(t, stop or []) for t in texts]
+    texts = [cut_at_stop(t, stop or [])[0] for t in texts]
     usage = _usage("single", start, clock, [counts], 0)
     return [Result(t, [{"agent": chosen.name, "prompt": p, "text": t}], [], usage) for p, t in zip(prompts, texts)]
 
@@ -130,7 +142,7 @@ def text_mas(experts, prompts: list[str], *, max_new_tokens: int = 256, config: 
         for b, text in enumerate(texts):
             earlier[b].append((agent.name, text))
             traces[b].append({"agent": agent.name, "prompt": asked[b], "text": text})
-    texts = [_cut(t, stop or []) for t in texts]
+    texts = [cut_at_stop(t, stop or [])[0] for t in texts]
     usage = _usage("text-mas", start, clock, counts, bus_bytes)
     return [Result(t, trace, [], usage) for t, trace in zip(texts, traces)]
 

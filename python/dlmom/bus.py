@@ -2,7 +2,8 @@
 
 Experts that share a vocabulary receive the step's packet (ids, probs) directly. An expert with another
 tokenizer is fed by the Text-Bridge: the step's top-1 token, decoded to text with the primary tokenizer
-and re-encoded with its own, so its KV cache follows the same text.
+and re-encoded with its own, so its KV cache follows the same text; its logits reach the consensus through
+a vocabulary alignment. ``Bus`` does all of this for one generation and counts the bytes.
 """
 from __future__ import annotations
 
@@ -73,3 +74,67 @@ def align_logits(logits: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     floor = torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf"))).amin(-1, keepdim=True)
     out = x[:, mapping.clamp(min=0).to(x.device)]
     return torch.where((mapping >= 0).to(x.device).view(1, -1), out, floor)
+
+
+class Bus:
+    """One generation's bus between the runners (one per model) and the consensus on the primary vocabulary.
+
+    ``bridged[i]``: runner i has another tokenizer (Text-Bridge in, aligned logits out). ``alignments``: a
+    cache of vocabulary alignments by runner index, kept across generations by the caller."""
+
+    def __init__(self, runners, bridged: list[bool], primary, alignments: dict[int, torch.Tensor]):
+        self.runners, self.bridged, self.primary, self.alignments = runners, bridged, primary, alignments
+        batch = runners[0].batch
+        self.bridges = {i: TextBridge(primary.tokenizer, r.tokenizer, batch) for i, r in enumerate(runners)
+                        if bridged[i]}
+        self.total_bytes = 0
+
+    def _alignment(self, index: int) -> torch.Tensor:
+        if index not in self.alignments:
+            runner = self.runners[index]
+            self.alignments[index] = vocab_alignment(self.primary.tokenizer, runner.tokenizer,
+                                                     self.primary.vocab_size).to(runner.device)
+        return self.alignments[index]
+
+    def stack(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """[E, B, V_primary] float32 from every runner's [R, B, V_model] logits."""
+        V = self.primary.vocab_size
+        parts = []
+        for i, x in enumerate(logits):
+            if self.bridged[i]:
+                R, B, _ = x.shape
+                x = align_logits(x.reshape(R * B, -1), self._alignment(i)).view(R, B, V)
+            parts.append(x[..., :V].float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def packet_bytes(self, ids: torch.Tensor, probs: torch.Tensor) -> list[int]:
+        """Per prompt the bytes of this step's packet: one to each of its rows on the primary vocabulary."""
+        receivers = sum((r.rows_per_prompt() for i, r in enumerate(self.runners) if not self.bridged[i]),
+                        torch.zeros(len(ids), dtype=torch.long))
+        return (receivers * packet_bytes(ids, probs)).tolist()
+
+    def count(self, step_bytes: list[int], finished: torch.Tensor) -> None:
+        """Add this step's packet bytes (``packet_bytes``) of the prompts still running."""
+        self.total_bytes += sum(n for b, n in enumerate(step_bytes) if not finished[b])
+
+    def deliver(self, logits: list[torch.Tensor], ids: torch.Tensor, probs: torch.Tensor,
+                last_tokens: list[int | None]) -> list[torch.Tensor]:
+        """Every runner with active rows takes the step's input: the packet (ids, probs [B, k]), or over the
+        Text-Bridge the new text of ``last_tokens`` (per prompt, None: nothing). Returns the new logits (zeros
+        in rows that left the batch: they have no weight in the consensus) and counts the bridge's bytes."""
+        new = []
+        for i, runner in enumerate(self.runners):
+            if not runner.live:
+                new.append(torch.zeros_like(logits[i]))  # every row dropped or finished: no more forwards
+            elif i in self.bridges:
+                fed, n = self.bridges[i].push(last_tokens)
+                self.total_bytes += int((torch.tensor(n) * runner.rows_per_prompt()).sum())
+                out = runner.feed_tokens(fed)
+                new.append(logits[i] if out is None else out)
+            else:
+                new.append(runner.feed_packet(ids, probs))
+        return new
+
+    @property
+    def resyncs(self) -> int:
+        return sum(bridge.resyncs for bridge in self.bridges.values())

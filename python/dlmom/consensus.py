@@ -1,9 +1,24 @@
 """Contrastive TIES consensus over the experts' next-token logits on the shared vocabulary."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .ops import ties_merge
+from .settings import check_fields, setting
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConsensusSettings:
+    """Contrastive TIES consensus (fields of DLMoMConfig)."""
+
+    theta: float = setting(0.0, "TIES trim: centred logits with |v| < theta count as 0", number=True, lo=0)
+    elect: str = setting("vote", "sign election per token: vote (sign of the sum of signs) or mass (sign of the "
+                         "sum)", choices=("vote", "mass"))
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def merge(logits: torch.Tensor, *, theta: float, elect: str, weights: torch.Tensor | None) -> torch.Tensor:

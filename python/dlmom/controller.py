@@ -21,9 +21,34 @@ import dataclasses
 
 import torch
 
+from .settings import check_fields, setting
+
 EXPLICIT, LATENT = 0, 1
 MODE_NAMES = {EXPLICIT: "explicit", LATENT: "latent"}
 CONTROLLERS = ("swir", "explicit", "latent")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ControllerSettings:
+    """The controller's settings (fields of DLMoMConfig)."""
+
+    controller: str = setting("swir", "swir: switch between latent packets and explicit tokens on the entropy "
+                              "trend; explicit: always tokens; latent: packets until max_latent_steps, then tokens",
+                              choices=CONTROLLERS)
+    block_size: int = setting(4, "steps per entropy block; swir decides at block ends (the least dwell in a mode)",
+                              integer=True, lo=1)
+    slope_threshold: float = setting(0.01, "entropy slope per step past which a block's trend is falling or rising",
+                                     number=True, lo=0)
+    variance_threshold: float = setting(0.01, "a falling block switches to explicit only when its variance around "
+                                        "the trend line is below this", number=True, lo=0)
+    entropy_threshold: float = setting(0.1, "a flat block whose mean normalised entropy is above this switches to "
+                                       "latent, below it to explicit", number=True, lo=0)
+    start_mode: str = setting("latent", "the swir controller's mode at the first step", choices=("latent", "explicit"))
+    max_switches: int = setting(4, "switches per prompt after which it stays explicit", integer=True, lo=0)
+    max_latent_steps: int = setting(64, "latent steps per prompt after which it stays explicit", integer=True, lo=0)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclasses.dataclass
@@ -60,6 +85,13 @@ class Controller:
         self.block: list[list[float]] = [[] for _ in range(batch)]
         self.events: list[Switch] = []
         self.step_index = 0
+
+    @classmethod
+    def from_settings(cls, batch: int, settings: ControllerSettings) -> "Controller":
+        s = settings
+        return cls(batch, kind=s.controller, block_size=s.block_size, slope_threshold=s.slope_threshold,
+                   variance_threshold=s.variance_threshold, entropy_threshold=s.entropy_threshold,
+                   max_switches=s.max_switches, max_latent_steps=s.max_latent_steps, start=s.start_mode)
 
     def _switch(self, row: int, to: int, reason: str) -> None:
         self.mode[row] = to

@@ -1,4 +1,5 @@
-"""Soft Thinking engines: one model, its KV cache, and the rows of every expert (role) that uses it.
+"""Soft Thinking runners: one model, its KV cache, and the rows of every expert (role) that uses it, for one
+generation (a new runner per generation: its cache, masks and counters are that generation's own).
 
 Experts that share weights (one model in several roles) run as one batched forward each step: rows are
 role-major, ``row = role * B + b``. A step's input is a packet; its embedding is ``soft_embed`` with the
@@ -8,12 +9,14 @@ attention mask as transformers' ``generate`` computes them.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 
 import torch
 
 from .experts import Expert
+from .kv import KVSettings, cache_nbytes
+from .settings import check_fields, setting
 from .ops import soft_embed
 
 
@@ -39,7 +42,19 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
-class SoftThinkingEngine:
+@dataclasses.dataclass(kw_only=True)
+class RunnerSettings:
+    """How the runners build and prefill the prompts (fields of DLMoMConfig)."""
+
+    chat: bool = setting(True, "apply each tokenizer's chat template (with the expert's role as system prompt)",
+                         flag="--no-chat")
+    share_prefill: bool = setting(True, "roles of one model prefill the prompt prefix they have in common once")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+class SoftThinkingRunner:
     """Runs ``experts`` (all on the same model) over a batch of B prompts.
 
     Rows are the (role, prompt) pairs, role-major (``row = role * B + b``). Only the *active* rows are in the
@@ -60,10 +75,10 @@ class SoftThinkingEngine:
         self.prefill_tokens = [0] * len(experts)
         self.shared_prefill_tokens = [0] * len(experts)
         self.decode_tokens = [0] * len(experts)
-        # KV cache kind for prefill / decode (see dlmom.kv_cache.new_cache); set by each prefill.
-        self.kv, self.kv_group_size, self.kv_residual_length = "full", 32, 128
+        self.kv = KVSettings()  # the prefill / decode cache's settings; set by prefill
         self.cache, self._peak_cache, self._grid = None, 0, None
         self.batch = 0
+        self.room: int | None = None  # tokens that fit after the longest prompt of the last prefill (None: no limit)
         self.active = torch.zeros(0, dtype=torch.long)
 
     @property
@@ -75,16 +90,11 @@ class SoftThinkingEngine:
         """Whether any row is still in the batch."""
         return self.active.numel() > 0
 
-    def _new_cache(self, kv: str | None = None):
-        from .kv_cache import new_cache
-
-        return new_cache(kv or self.kv, self.model.config, group_size=self.kv_group_size,
-                         residual_length=self.kv_residual_length)
+    def _new_cache(self, kind: str | None = None):
+        return self.kv.new_cache(self.model.config, kind)
 
     def cache_nbytes(self) -> int:
         """Bytes the prefill / decode cache holds now (the active rows of all roles)."""
-        from .kv_cache import cache_nbytes
-
         return cache_nbytes(self.cache)
 
     def peak_cache_bytes(self) -> int:
@@ -122,23 +132,27 @@ class SoftThinkingEngine:
         self._grid[self.active.to(logits.device)] = logits[:, -1]
         return self._grid.view(self.roles, self.batch, -1)
 
-    def prefill(self, prompts: list[str], *, chat: bool, kv: str = "full", kv_group_size: int = 32,
-                kv_residual_length: int = 128, share_prefix: bool = True) -> torch.Tensor:
+    def prefill(self, prompts: list[str], *, chat: bool, kv: KVSettings | None = None,
+                share_prefix: bool = True) -> torch.Tensor:
         """Start a generation: reset the counters, prefill every role's prompt for every prompt into a new
-        cache of kind ``kv``; returns next-token logits [R, B, V_model].
+        cache of ``kv`` (default: full precision); returns next-token logits [R, B, V_model]. A prompt longer than the model's
+        positions raises ValueError before any forward; ``room`` is then how many tokens fit after the longest.
 
         With ``share_prefix`` and several roles, the token prefix that all roles' prompts of one prompt have in
         common (e.g. the chat template's opening) is computed once and its cache copied to every role; each role
         then prefills only the rest. ``shared_prefill_tokens`` counts per role the prompt tokens it took from
         that shared prefix instead of computing them (the first role computes the prefix: it is in its
         ``prefill_tokens``)."""
-        self.kv, self.kv_group_size, self.kv_residual_length = kv, kv_group_size, kv_residual_length
+        self.kv = kv or KVSettings()
         self.forward_s = 0.0
         self.prefill_tokens = [0] * self.roles
         self.shared_prefill_tokens = [0] * self.roles
         self.decode_tokens = [0] * self.roles
         self.batch = B = len(prompts)
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
+        # Before any forward: a prompt past the model's positions is refused here, not run.
+        rooms = [e.context_room(rows[r * B:(r + 1) * B]) for r, e in enumerate(self.experts)]
+        self.room = min((n for n in rooms if n is not None), default=None)
         self.fed = [list(r) for r in rows]  # token ids each row's cache holds (token feeds only, not packets)
         self.active = torch.arange(len(rows))
         self.cache, self._peak_cache, self._grid = self._new_cache(), 0, None
@@ -210,25 +224,12 @@ class SoftThinkingEngine:
         self._count(self.decode_tokens, new_mask, self.active // self.batch)
         return self._scatter(logits)
 
-    def bits_per_byte(self, prompts: list[str], continuations: list[str], *, chat: bool) -> torch.Tensor:
-        """[R, B]: -log2 p(continuation | prompt) per byte of continuation text, for every role, teacher-forced
-        in a fresh cache. Per byte, not per token: comparable across tokenizers."""
-        rows, spans = [], []
-        for e in self.experts:
-            for p, text in zip(prompts, continuations):
-                head = e.prompt_ids(p, chat=chat)
-                tail = self.tokenizer.encode(text, add_special_tokens=False)
-                rows.append(head + tail)
-                spans.append(len(tail))
+    def teacher_forced(self, rows: list[list[int]], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, keep, V_model] of the last ``keep`` positions, the left-padded ids [N, L]) of token rows
+        (role-major, ``len(rows)`` a multiple of the roles), in one forward over a fresh full-precision cache (a
+        compressed one would only cost time here); their tokens count as prefilled by their roles."""
         ids, mask = _left_pad(rows, self.pad_id, self.device)
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        # Only the positions that predict a continuation token: the prompt's logits would be [N, L, V].
-        # One teacher-forced forward: a compressed cache would only cost time here.
-        keep = max(spans) + 1
-        logits, _, _ = self._run(mask, self._new_cache("full"), None, zero, keep, input_ids=ids)  # [N, keep, V]
-        self._count(self.prefill_tokens, mask, torch.arange(self.roles).repeat_interleave(len(prompts)))
-        targets = ids[:, ids.shape[1] - keep + 1:, None]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets)[..., 0]  # [N, keep-1]
-        bits = [-float(logp[i, keep - 1 - n:].sum()) / math.log(2) if n else 0.0 for i, n in enumerate(spans)]
-        nbytes = [max(len(t.encode()), 1) for t in continuations] * self.roles
-        return (torch.tensor(bits) / torch.tensor(nbytes, dtype=torch.float32)).view(self.roles, -1)
+        logits, _, _ = self._run(mask, self._new_cache("full"), None, zero, keep, input_ids=ids)
+        self._count(self.prefill_tokens, mask, torch.arange(self.roles).repeat_interleave(len(rows) // self.roles))
+        return logits, ids

@@ -1,0 +1,176 @@
+"""One generate call, read top to bottom: the only module that knows the order of the five layers.
+
+prefill every runner -> per step: gather the experts' logits (bus) -> consensus (TIES) -> packet (top-k,
+entropy) -> decide explicit / latent per prompt (controller; the router's preview first) -> shape the feed
+-> record -> drop rows that are done -> deliver the feed (bus) -> the runners' next logits.
+Each layer's work lives in its module; this one only calls them in order over the generation's state.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import consensus
+from .bus import Bus
+from .controller import EXPLICIT, LATENT, Controller
+from .experts import fit_budget
+from .ops import topk_packet
+from .packets import DEFAULT_NOISE_STRENGTH, choose_token, shape_feed
+from .results import Result, Transcripts
+from .router import Preview
+from .soft_thinking import SoftThinkingRunner
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (KeyboardInterrupt) during ``DLMoM.generate``, with what was generated so far: ``texts``, one
+    partial answer per prompt."""
+
+    def __init__(self, texts: list[str]):
+        super().__init__("generation interrupted")
+        self.texts = texts
+
+
+class Generation:
+    """The state of one generate call: its runners (the experts' caches), bus, router preview, controller,
+    transcripts and random generator. ``run`` decodes and returns one Result per prompt."""
+
+    def __init__(self, moe, prompts: list[str], *, max_new_tokens: int, stops: list[str], rng: torch.Generator):
+        cfg = self.config = moe.config
+        self.moe, self.prompts, self.rng, self.batch = moe, prompts, rng, len(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.primary = moe.primary
+        self.runners = [SoftThinkingRunner(group) for group in moe.groups]
+        self.experts = [e for runner in self.runners for e in runner.experts]
+        self.bridged = moe.bridged
+        self.alignments = moe.alignments
+        self.transcripts = Transcripts(self.primary.tokenizer, self.batch, eos=self.primary.eos_ids(), stops=stops)
+        self.controller = Controller.from_settings(self.batch, cfg)
+        self.preview = Preview(self.runners, self.bridged, self.batch, chat=cfg.chat, top_m=cfg.top_m,
+                               tokens=cfg.preview_tokens if len(self.experts) > 1 else 0)
+        self.weights: torch.Tensor | None = None  # [E, B] consensus weights, set by the router
+        self.routes: list[list[dict]] = [[] for _ in prompts]
+        self.k = min(cfg.top_k, self.primary.vocab_size)
+        self.noise_strength = cfg.noise_strength or DEFAULT_NOISE_STRENGTH.get(cfg.noise, 0.0)
+        self.bus: Bus | None = None
+        self.start = time.perf_counter()
+
+    # ---- the loop ----
+
+    def run(self, *, progress: bool = False) -> list[Result]:
+        """Decode to the end; one Result per prompt. One generation at a time per DLMoM object: the
+        bus's alignment cache and the experts' models are the object's."""
+        if not self.moe.busy.acquire(blocking=False):
+            raise RuntimeError("DLMoM.generate: this DLMoM object is already generating (in another thread); "
+                               "use one DLMoM object per thread (they may share the experts' models)")
+        try:
+            return self._run(progress)
+        finally:
+            self.moe.busy.release()
+
+    def _run(self, progress: bool) -> list[Result]:
+        from tqdm.auto import tqdm
+
+        logits = self.prefill()
+        budget = fit_budget(self.max_new_tokens, [(runner.experts[0], runner.room) for runner in self.runners])
+        bar = tqdm(total=budget, desc="decoding", disable=not progress, unit="step")
+        try:
+            for step in range(budget):
+                bar.update(1)
+                logits = self.step(step, logits, last=step == budget - 1)
+                if logits is None:
+                    break
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(list(self.transcripts.texts)) from None
+        finally:
+            bar.close()
+        return self.results()
+
+    def prefill(self) -> list[torch.Tensor]:
+        cfg = self.config
+        logits = [runner.prefill(self.prompts, chat=cfg.chat, kv=cfg, share_prefix=cfg.share_prefill)
+                  for runner in self.runners]
+        self.bus = Bus(self.runners, self.bridged, self.primary, self.alignments)
+        return logits
+
+    def step(self, step: int, logits: list[torch.Tensor], *, last: bool) -> list[torch.Tensor] | None:
+        """One decode step from the runners' logits; the next logits, or None when the generation is done."""
+        cfg, bus, done = self.config, self.bus, self.transcripts.finished
+        stacked = bus.stack(logits)  # [E, B, V]
+        merged = consensus.merge(stacked, theta=cfg.theta, elect=cfg.elect, weights=self.weights)
+        packet = topk_packet(merged, self.k, temperature=cfg.temperature, top_p=cfg.top_p)
+        in_preview = self.preview.active(step)
+        modes, switched = self.decide(packet, in_preview)
+        token = choose_token(packet, sample=cfg.do_sample and not in_preview, rng=self.rng)
+        latent = (modes == LATENT).to(packet.ids.device)
+        feed_ids, feed_probs = shape_feed(packet, token, latent, noise=cfg.noise, strength=self.noise_strength,
+                                          rng=self.rng)
+        step_bytes = bus.packet_bytes(feed_ids, feed_probs)
+        if in_preview:
+            self.preview.observe(logits, token, done)
+        self.record(step, packet, token, latent, consensus.agreement(stacked, packet.ids[:, 0], self.weights),
+                    switched, step_bytes, "preview" if in_preview else None)
+        keep = (~done).expand(len(self.experts), self.batch)  # rows of finished prompts leave the batch
+        if in_preview and self.preview.ends_at(step):
+            keep = self.route() & keep  # and so do the roles the router dropped
+        if bool(done.all()) or last:
+            return None
+        for runner, rows in zip(self.runners, keep.split([runner.roles for runner in self.runners])):
+            runner.keep_rows(rows)
+        bus.count(step_bytes, done)
+        return bus.deliver(logits, feed_ids, feed_probs, self.transcripts.last_tokens())
+
+    # ---- one step's pieces ----
+
+    def decide(self, packet, in_preview: bool) -> tuple[torch.Tensor, dict[int, str]]:
+        """Modes [B] (EXPLICIT / LATENT) and, per prompt that switched, the reason."""
+        if in_preview:  # the preview is written in explicit tokens
+            return torch.full((self.batch,), EXPLICIT, dtype=torch.long), {}
+        seen = len(self.controller.events)
+        modes = self.controller.step(packet.entropy, active=~self.transcripts.finished)
+        return modes, {e.row: f"to {e.to}: {e.reason}" for e in self.controller.events[seen:]}
+
+    def record(self, step: int, packet, token: torch.Tensor, latent: torch.Tensor, agree: torch.Tensor,
+               switched: dict[int, str], step_bytes: list[int], mode: str | None) -> None:
+        """Trace and text of every running prompt; a latent step shows the top-1 token of its packet."""
+        token_list, top1_list, is_latent = token.tolist(), packet.ids[:, 0].tolist(), latent.tolist()
+        top_ids, top_probs = packet.ids[:, :5].tolist(), packet.probs[:, :5].tolist()
+        entropy, agreement = packet.entropy.tolist(), agree.tolist()
+        switches = self.controller.switches.tolist()
+        for b in range(self.batch):
+            if self.transcripts.finished[b]:
+                continue
+            self.transcripts.record(b, step=step, mode=mode or ("latent" if is_latent[b] else "explicit"),
+                                    out=top1_list[b] if is_latent[b] else token_list[b], entropy=entropy[b],
+                                    top_ids=top_ids[b], top_probs=top_probs[b], agreement=agreement[b],
+                                    switches=switches[b], bus_bytes=step_bytes[b], switch=switched.get(b))
+
+    def route(self) -> torch.Tensor:
+        """At the preview's end: the router's weights for the consensus; returns the rows it keeps [E, B]."""
+        previews = [self.transcripts.decode(s) for s in self.transcripts.shown]
+        weights, kept, records = self.preview.route(self.prompts, previews)
+        for b, rec in enumerate(records):
+            self.routes[b].extend(rec)
+        self.weights = weights.to(self.primary.device)
+        return kept.cpu()
+
+    def results(self) -> list[Result]:
+        usage = self.usage()
+        return [Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], usage)
+                for b in range(self.batch)]
+
+    def usage(self) -> dict:
+        experts = []
+        for runner in self.runners:
+            for r, e in enumerate(runner.experts):
+                # One cache holds the rows of every role of a model, padded to one length: split evenly.
+                experts.append({"expert": e.name, "prefill_tokens": runner.prefill_tokens[r],
+                                "shared_prefill_tokens": runner.shared_prefill_tokens[r],
+                                "decode_tokens": runner.decode_tokens[r],
+                                "cache_bytes": runner.peak_cache_bytes() // runner.roles})
+        return {"experts": experts, "kv": self.config.kv,
+                "shared_prefill_tokens": sum(e["shared_prefill_tokens"] for e in experts),
+                "wall_s": time.perf_counter() - self.start,
+                "expert_forward_s": sum(runner.forward_s for runner in self.runners),
+                "latent_steps": int(self.controller.latent_steps.sum()), "bus_bytes": self.bus.total_bytes,
+                "switches": int(self.controller.switches.sum()), "bridge_resyncs": self.bus.resyncs}
