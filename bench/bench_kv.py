@@ -56,7 +56,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TEXT_COMMIT = "e1b1553"  # the sources the published numbers were measured on
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODELS = {
-    "smollm2": ("SmolLM2-135M-Instruct", lambda: dlmom.experts.default_gguf_path()),
+    "smollm2": ("SmolLM2-135M-Instruct", lambda: dlmom.loading.default_gguf_path()),
     "qwen": ("Qwen2.5-Coder-0.5B-Instruct",
              lambda: pathlib.Path("/root/.cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
 }
@@ -258,7 +258,7 @@ def run_model(key: str, args, ids_text: str) -> tuple[list[dict], list[str], dic
         print(f"skip {name}: model file {path} not found")
         return [], [], {"skipped": f"model file {path} not found"}
     t0 = time.perf_counter()
-    model, tok = dlmom.experts.load_pretrained(path, dtype=DTYPES[args.dtype])
+    model, tok = dlmom.loading.load_pretrained(path, dtype=DTYPES[args.dtype])
     ids = tok(ids_text, return_tensors="pt").input_ids
     need = max(max(args.lengths), max(args.eval_lengths) + args.steps)
     if ids.shape[1] < need:

@@ -48,7 +48,7 @@ def correct(text: str, expected: int | None) -> bool:
 
 def smollm2(dtype: torch.dtype, device: str):
     """(model, tokenizer) of the embedded default."""
-    from dlmom.experts import DEFAULT_MODEL_HUB_ID, default_gguf_path, load_pretrained
+    from dlmom.loading import DEFAULT_MODEL_HUB_ID, default_gguf_path, load_pretrained
 
     gguf = default_gguf_path()
     return load_pretrained(gguf if gguf is not None else DEFAULT_MODEL_HUB_ID, dtype=dtype, device=device)
@@ -69,7 +69,8 @@ def role_experts(model, tokenizer, n: int, *, separate: bool = False) -> list:
 
 def load_experts(kind: str, *, dtype: torch.dtype, device: str, qwen_gguf: pathlib.Path = QWEN_GGUF) -> list:
     """The expert set ``kind`` ("default" or "qwen"), see the module docstring."""
-    from dlmom.experts import DEFAULT_ROLES, Expert, load_pretrained
+    from dlmom.experts import DEFAULT_ROLES, Expert
+    from dlmom.loading import load_pretrained
 
     if kind == "default":
         return role_experts(*smollm2(dtype, device), 3)

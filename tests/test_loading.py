@@ -2,7 +2,6 @@
 files and folders that are not models. Tiny models only: a GGUF file is written here with the `gguf`
 package from a tiny random Llama, so the real transformers conversion runs in a second."""
 import json
-import os
 import re
 import socket
 import subprocess
@@ -11,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from dlmom import experts as ex
+from dlmom import gguf_cache as gc
+from dlmom import loading
 from tiny_models import llama, tokenizer
 
 
@@ -104,7 +104,7 @@ def saved(tmp_path, model, tok):
 
 
 def test_check_safetensors_accepts_a_complete_file(saved):
-    assert ex.check_safetensors(saved) is None
+    assert gc.check_safetensors(saved) is None
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 40, "half", "minus1"])
@@ -113,38 +113,38 @@ def test_check_safetensors_names_a_truncated_file(saved, keep):
     keep = {"half": size // 2, "minus1": size - 1}.get(keep, keep)
     with open(saved, "r+b") as f:
         f.truncate(keep)
-    reason = ex.check_safetensors(saved)
+    reason = gc.check_safetensors(saved)
     assert reason is not None and "truncated" in reason, reason
 
 
 def test_check_safetensors_rejects_trailing_bytes_and_a_garbled_header(saved):
     with open(saved, "ab") as f:
         f.write(b"\0" * 16)
-    assert "bytes" in ex.check_safetensors(saved)
+    assert "bytes" in gc.check_safetensors(saved)
     with open(saved, "r+b") as f:
         f.seek(8)
         f.write(b"\xff\xfe{{{")
-    assert "header" in ex.check_safetensors(saved)
+    assert "header" in gc.check_safetensors(saved)
 
 
 # ---- the GGUF conversion cache ----
 
 def test_tiny_gguf_converts_to_the_same_model(tiny_gguf, cache):
     path, model, tok = tiny_gguf
-    loaded, loaded_tok = ex.load_pretrained(path)
+    loaded, loaded_tok = loading.load_pretrained(path)
     assert loaded_tok.encode("What is 12 * 7?") == tok.encode("What is 12 * 7?")
     torch.testing.assert_close(logits(loaded, loaded_tok), logits(model, tok))
     (entry,) = [cache / name for name in entries(cache)]
-    assert ex._cache_problem(entry) is None
+    assert gc._cache_problem(entry) is None
 
 
 def test_cache_is_converted_once(tiny_gguf, cache, monkeypatch):
     path = tiny_gguf[0]
-    ex.load_pretrained(path)
+    loading.load_pretrained(path)
     calls = []
-    real = ex._convert_gguf
-    monkeypatch.setattr(ex, "_convert_gguf", lambda *a: calls.append(a) or real(*a))
-    ex.load_pretrained(path)
+    real = gc._convert_gguf
+    monkeypatch.setattr(gc, "_convert_gguf", lambda *a: calls.append(a) or real(*a))
+    loading.load_pretrained(path)
     assert calls == []
 
 
@@ -152,7 +152,7 @@ def test_cache_is_converted_once(tiny_gguf, cache, monkeypatch):
                                     "delete-manifest-and-truncate-weights"])
 def test_damaged_cache_entry_is_rebuilt_with_a_warning_naming_it(tiny_gguf, cache, damage):
     path, model, tok = tiny_gguf
-    ex.load_pretrained(path)
+    loading.load_pretrained(path)
     (entry,) = [cache / name for name in entries(cache)]
     weights = entry / "model.safetensors"
     size = weights.stat().st_size
@@ -169,30 +169,30 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning_naming_it(tiny_gguf, cach
         (entry / "dlmom-cache.json").unlink()
         with open(weights, "r+b") as f:
             f.truncate(size - 1)
-    with pytest.warns(ex.DLMoMWarning, match=str(entry)) as caught:
-        loaded, loaded_tok = ex.load_pretrained(path)
+    with pytest.warns(gc.DLMoMWarning, match=str(entry)) as caught:
+        loaded, loaded_tok = loading.load_pretrained(path)
     assert "rebuilding" in str(caught[0].message)
     if damage.endswith("weights"):
         assert "model.safetensors" in str(caught[0].message) and "truncated" in str(caught[0].message)
     torch.testing.assert_close(logits(loaded, loaded_tok), logits(model, tok))
-    assert weights.stat().st_size == size and ex._cache_problem(entry) is None
+    assert weights.stat().st_size == size and gc._cache_problem(entry) is None
     assert entries(cache) == [entry.name]  # nothing left beside the rebuilt entry
 
 
 def test_an_entry_of_an_older_dlmom_is_checked_and_kept(tiny_gguf, cache, monkeypatch):
     path = tiny_gguf[0]
-    ex.load_pretrained(path)
+    loading.load_pretrained(path)
     (entry,) = [cache / name for name in entries(cache)]
     (entry / "dlmom-cache.json").unlink()  # older entries have no manifest
-    monkeypatch.setattr(ex, "_convert_gguf", lambda *a: pytest.fail("a sound entry was converted again"))
-    model, tok = ex.load_pretrained(path)
+    monkeypatch.setattr(gc, "_convert_gguf", lambda *a: pytest.fail("a sound entry was converted again"))
+    model, tok = loading.load_pretrained(path)
     torch.testing.assert_close(logits(model, tok), logits(tiny_gguf[1], tiny_gguf[2]))
-    assert ex._cache_problem(entry) is None  # adopted: a manifest of what is there now
+    assert gc._cache_problem(entry) is None  # adopted: a manifest of what is there now
 
 
 def test_failed_conversion_leaves_no_entry_and_names_the_cache(tiny_gguf, cache, monkeypatch):
     path = tiny_gguf[0]
-    real = ex._convert_gguf
+    real = gc._convert_gguf
 
     def disk_full(gguf, dtype, out):
         real(gguf, dtype, out)
@@ -200,20 +200,20 @@ def test_failed_conversion_leaves_no_entry_and_names_the_cache(tiny_gguf, cache,
             f.truncate(100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ex, "_convert_gguf", disk_full)
+    monkeypatch.setattr(gc, "_convert_gguf", disk_full)
     with pytest.raises(OSError, match="No space left on device.*; free space there or set DLMOM_CACHE") as err:
-        ex.load_pretrained(path)
+        loading.load_pretrained(path)
     assert str(cache) in str(err.value) and path.name in str(err.value)
     assert entries(cache) == []  # neither a half-written entry nor a .partial folder
-    monkeypatch.setattr(ex, "_convert_gguf", real)
-    ex.load_pretrained(path)
+    monkeypatch.setattr(gc, "_convert_gguf", real)
+    loading.load_pretrained(path)
     (entry,) = [cache / name for name in entries(cache)]
-    assert ex._cache_problem(entry) is None
+    assert gc._cache_problem(entry) is None
 
 
 def test_stale_partial_folders_are_removed_and_live_ones_kept(tiny_gguf, cache):
     path = tiny_gguf[0]
-    ex.load_pretrained(path)
+    loading.load_pretrained(path)
     (name,) = entries(cache)
     for p in cache.iterdir():  # start again from an empty cache, with leftovers of crashed conversions
         import shutil
@@ -228,9 +228,9 @@ def test_stale_partial_folders_are_removed_and_live_ones_kept(tiny_gguf, cache):
         for folder in stale + [live]:
             folder.mkdir(parents=True)
             (folder / "model.safetensors").write_bytes(b"\0" * 10)
-        ex.load_pretrained(path)
+        loading.load_pretrained(path)
         assert entries(cache) == sorted([name, live.name])
-        assert ex._cache_problem(cache / name) is None
+        assert gc._cache_problem(cache / name) is None
     finally:
         alive.kill()
         alive.wait()
@@ -241,7 +241,7 @@ def test_unwritable_cache_is_named(tiny_gguf, tmp_path, monkeypatch):
     blocker.write_text("not a folder")
     monkeypatch.setenv("DLMOM_CACHE", str(blocker / "cache"))
     with pytest.raises(OSError, match="DLMOM_CACHE") as err:
-        ex.load_pretrained(tiny_gguf[0])
+        loading.load_pretrained(tiny_gguf[0])
     assert str(blocker / "cache") in str(err.value)
 
 
@@ -258,7 +258,7 @@ def model_folder(tmp_path, model, tok):
 def load_error(spec):
     """The exception load_pretrained raises for ``spec``, checked to be a one-line error naming it."""
     with pytest.raises((ValueError, OSError)) as err:
-        ex.load_pretrained(spec)
+        loading.load_pretrained(spec)
     message = str(err.value)
     assert message.startswith(f"expert {str(spec)!r}: ") and "\n" not in message, message
     return message
@@ -284,18 +284,18 @@ def test_a_cut_gguf_file_is_named_truncated(tiny_gguf, tmp_path, keep, cache):
 
 
 def test_check_gguf_accepts_the_tiny_and_rejects_a_bad_version(tiny_gguf, tmp_path):
-    assert ex.check_gguf(tiny_gguf[0]) is None
+    assert gc.check_gguf(tiny_gguf[0]) is None
     data = bytearray(tiny_gguf[0].read_bytes())
     data[4:8] = (99).to_bytes(4, "little")
     path = tmp_path / "v99.gguf"
     path.write_bytes(bytes(data))
-    assert "version 99" in ex.check_gguf(path)
+    assert "version 99" in gc.check_gguf(path)
 
 
 def test_a_gguf_file_under_another_name_is_loaded(tiny_gguf, tmp_path, cache):
     path = tmp_path / "MODEL.GGUF"
     path.write_bytes(tiny_gguf[0].read_bytes())
-    model, tok = ex.load_pretrained(path)
+    model, tok = loading.load_pretrained(path)
     torch.testing.assert_close(logits(model, tok), logits(tiny_gguf[1], tiny_gguf[2]))
 
 
@@ -318,7 +318,7 @@ def test_an_unreadable_folder(model_folder, monkeypatch):
     def denied(folder):  # what stat() says in a folder this user may not search (root may: so simulated)
         raise PermissionError(13, "Permission denied", str(folder / "config.json"))
 
-    monkeypatch.setattr(ex, "_folder_problem", denied)
+    monkeypatch.setattr(loading, "_folder_problem", denied)
     assert "folder is unreadable ([Errno 13] Permission denied" in load_error(model_folder)
 
 
@@ -337,7 +337,7 @@ def test_a_folder_without_a_tokenizer(model_folder):
 
 
 def test_a_loaded_folder_still_works(model_folder, model, tok):
-    loaded, loaded_tok = ex.load_pretrained(model_folder)
+    loaded, loaded_tok = loading.load_pretrained(model_folder)
     torch.testing.assert_close(logits(loaded, loaded_tok), logits(model, tok))
 
 
@@ -415,24 +415,24 @@ def test_a_string_where_a_tokenizer_belongs(model, tok):
 ])
 def test_check_device_names_the_device_and_the_problem(device, message):
     with pytest.raises(ValueError, match="^" + re.escape(f"device {device!r}: ")) as err:
-        ex.check_device(device)
+        loading.check_device(device)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_check_device_cuda_without_cuda():
     with pytest.raises(ValueError, match="^device 'cuda': cuda is not available") as err:
-        ex.check_device("cuda")
+        loading.check_device("cuda")
     assert ("built without CUDA" in str(err.value)) == (torch.version.cuda is None)
 
 
 def test_check_device_accepts_usable_devices():
-    assert ex.check_device("cpu") == torch.device("cpu")
-    assert ex.check_device(torch.device("cpu")) == torch.device("cpu")
+    assert loading.check_device("cpu") == torch.device("cpu")
+    assert loading.check_device(torch.device("cpu")) == torch.device("cpu")
     if torch.cuda.is_available():
-        assert ex.check_device("cuda:0") == torch.device("cuda:0")
+        assert loading.check_device("cuda:0") == torch.device("cuda:0")
 
 
 def test_load_pretrained_checks_the_device_first(model_folder):
     with pytest.raises(ValueError, match="^device 'cuda:99': "):
-        ex.load_pretrained(model_folder, device="cuda:99")
+        loading.load_pretrained(model_folder, device="cuda:99")

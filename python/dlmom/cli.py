@@ -62,7 +62,8 @@ def _check_before_loading(args: argparse.Namespace):
 
     from .engine import DLMoMConfig, check_generate_args
     from .settings import field_names
-    from .experts import DEFAULT_MODEL_HUB_ID, DEFAULT_ROLES, check_device, default_gguf_path, locate
+    from .experts import DEFAULT_ROLES
+    from .loading import DEFAULT_MODEL_HUB_ID, check_device, default_gguf_path, locate
 
     _check_texts("PROMPT", "prompt", args.prompts)
     for i, prompt in enumerate(args.prompts, 1):
@@ -136,7 +137,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """dlmom's own warnings (a DLMoMWarning, or any warning raised in dlmom's code) as one line; the others as
     Python shows them."""
-    from .experts import DLMoMWarning
+    from .gguf_cache import DLMoMWarning
 
     if issubclass(category, DLMoMWarning) or os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
         _stderr(f"dlmom: warning: {message}")
@@ -171,7 +172,7 @@ def _library_output(quiet: bool):
     from huggingface_hub import utils as hub
     from transformers.utils import logging as hf_logging
 
-    from .experts import DLMoMWarning
+    from .gguf_cache import DLMoMWarning
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
