@@ -82,7 +82,7 @@ def kernels_for(op: str, t: torch.Tensor):
 
 def view(t: torch.Tensor):
     """A tensor as the bindings take it: (data_ptr, dtype code, sizes, strides)."""
-    return (t.data_ptr(), _DTYPE_CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())  # (torch.Size is a tuple)
 
 
 def run(mod, t: torch.Tensor, fn: str, *args):
@@ -105,6 +105,11 @@ def run(mod, t: torch.Tensor, fn: str, *args):
 def rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with unit stride: copy only when the last dim is strided."""
     return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def cpu_kernels():
+    """dlmom._C when the native CPU kernels are selected and built, else None (cheap: the ops' fast paths)."""
+    return None if "DLMOM_BACKEND" in os.environ else _modules.get("_C") or native_module("cpu")
 
 
 def eager(*tensors) -> bool:

@@ -27,6 +27,7 @@ __all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2"
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _IDS = (torch.int32, torch.int64)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # ---- validation helpers ----
@@ -99,6 +100,15 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     NaN or a flushed 0 (inf only where the exact value is beyond the dtype's range; NaN and inf in probs or
     weight propagate).
     """
+    if out is None and _plain_soft_embed(ids, probs, weight, scale):
+        # The common call (2-D CPU tensors with unit-stride rows, no out, plain eager mode), checked by
+        # _plain_soft_embed with a few attribute reads: per-call overhead matters at decode batch sizes. Anything
+        # else takes the general path below, whose checks give the messages. The kernel checks the id range.
+        mod = lib.cpu_kernels()
+        if mod is not None:
+            result = weight.new_empty((ids.shape[0], weight.shape[1]))
+            mod.soft_embed(_view(ids), _view(probs), _view(weight), float(scale), _view(result))
+            return result
     op = "soft_embed"
     _check_tensor(op, "ids", ids, min_dims=1, dtypes=(torch.int32, torch.int64))
     _check_tensor(op, "probs", probs, min_dims=1, dtypes=_FLOATS)
@@ -133,6 +143,18 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     if out is None:
         return out2 if len(lead) == 1 else out2.view(*lead, D)
     return out if direct else out.copy_(out2.view(*lead, D))
+
+
+def _plain_soft_embed(ids, probs, weight, scale) -> bool:
+    """Whether soft_embed's arguments are valid 2-D CPU tensors with unit-stride rows and a finite scale, and
+    the call is plain eager (lib.eager)."""
+    return (type(ids) is torch.Tensor and type(probs) is torch.Tensor and type(weight) in _PLAIN
+            and (type(scale) is float or type(scale) is int) and scale - scale == 0  # finite (not NaN / inf)
+            and ids.dtype in _IDS and probs.dtype in _FLOATS and weight.dtype in _FLOATS
+            and ids.dim() == 2 and weight.dim() == 2 and probs.shape == ids.shape and ids.shape[1] > 0
+            and ids.is_cpu and probs.is_cpu and weight.is_cpu
+            and ids.stride(1) == 1 and probs.stride(1) == 1 and weight.stride(1) == 1
+            and lib.eager(ids, probs, weight))
 
 
 def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p: float = 1.0) -> Packet:
