@@ -15,7 +15,7 @@ from . import consensus
 from .bus import Bus
 from .controller import EXPLICIT, LATENT, Controller
 from .experts import fit_budget
-from .ops import topk_packet
+from .ops import raise_pending_errors, topk_packet
 from .packets import DEFAULT_NOISE_STRENGTH, choose_token, shape_feed
 from .results import Result, Results, Transcripts, batch_usage, prompt_usage
 from .router import Preview
@@ -110,6 +110,7 @@ class Generation:
             self.preview.observe(logits, token, done)
         self.record(step, packet, token, latent, consensus.agreement(stacked, packet.ids[:, 0], self.weights),
                     switched, step_bytes, "preview" if in_preview else None)
+        raise_pending_errors(self.primary.device)  # a CUDA kernel's value error, once per step (record synced)
         keep = (~done).expand(len(self.experts), self.batch)  # rows of finished prompts leave the batch
         if in_preview and self.preview.ends_at(step):
             keep = self.route() & keep  # and so do the roles the router dropped
