@@ -103,20 +103,20 @@ def test_batch_equals_one_by_one_and_seed_changes_nothing(roles):
 def test_usage_and_trace(roles):
     m, n = 3, 6
     res = run("latent-mas", roles, PROMPTS, max_new_tokens=n, latent_steps=m)
-    usage = res[0].usage
-    assert usage["method"] == "latent-mas" and usage["bus_bytes"] == 0
-    assert usage["latent_steps"] == m * (len(roles) - 1) * len(PROMPTS)
-    for e, counts in zip(roles, usage["experts"]):
-        assert counts["expert"] == e.name
-        assert counts["prefill_tokens"] == sum(len(e.prompt_ids(p, chat=True)) for p in PROMPTS)
-    assert [c["decode_tokens"] for c in usage["experts"][:-1]] == [m * len(PROMPTS)] * (len(roles) - 1)
-    # No end-of-sequence token from random weights in 6 steps: 5 decode forwards over both rows.
-    assert usage["experts"][-1]["decode_tokens"] == (n - 1) * len(PROMPTS)
-    assert usage["generated_tokens"] == n * len(PROMPTS)
-    assert usage["wall_s"] >= usage["expert_forward_s"] > 0
     for p, r in zip(PROMPTS, res):
+        usage = r.usage
+        assert usage["method"] == "latent-mas" and usage["bus_bytes"] == 0
+        assert usage["latent_steps"] == m * (len(roles) - 1)
+        assert [c["expert"] for c in usage["experts"]] == [e.name for e in roles]
+        assert [c["prefill_tokens"] for c in usage["experts"]] == [len(e.prompt_ids(p, chat=True)) for e in roles]
+        # Latent steps are decode tokens; no end-of-sequence token from random weights in 6 steps: 5 decode forwards.
+        assert [c["decode_tokens"] for c in usage["experts"]] == [m] * (len(roles) - 1) + [n - 1]
+        assert usage["generated_tokens"] == n
+        assert usage["tokens"] == usage["prefill_tokens"] + usage["decode_tokens"]
         assert [t["agent"] for t in r.trace] == [e.name for e in roles]
         assert all(t["prompt"] == p for t in r.trace) and r.trace[-1]["text"] == r.text
+    assert res.usage["latent_steps"] == m * (len(roles) - 1) * len(PROMPTS)
+    assert res.usage["wall_s"] >= res.usage["expert_forward_s"] > 0
 
 
 def test_roles_must_share_one_model(tok, roles):

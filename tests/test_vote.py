@@ -44,8 +44,8 @@ def _fixed_answers(monkeypatch, texts_by_expert: dict[str, list[str]]):
     def fake(expert, prompts, *, max_new_tokens, config, clock):
         assert config.do_sample  # the vote always samples
         clock[0] += 1e-6
-        return list(texts_by_expert[expert.name]), {"expert": expert.name, "prefill_tokens": 1,
-                                                     "decode_tokens": 1, "generated_tokens": 1}
+        texts = list(texts_by_expert[expert.name])
+        return texts, [{"expert": expert.name, "prefill_tokens": 1, "decode_tokens": 1}] * len(texts), [1] * len(texts)
     monkeypatch.setattr(baselines, "_answer", fake)
 
 
@@ -86,13 +86,16 @@ def test_nobody_answers(monkeypatch, roles):
 def test_usage_is_one_generate_per_expert_over_the_samples(roles):
     k, n = 3, 6
     res = run("vote", roles, PROMPTS, max_new_tokens=n, vote_samples=k, seed=1)
-    usage = res[0].usage
-    assert usage["method"] == "vote" and usage["latent_steps"] == usage["bus_bytes"] == 0
-    tied = any(len(r.trace[-1]["vote"]["tied"]) > 1 for r in res)
-    for e, counts in zip(roles, usage["experts"]):
-        prompt_tokens = k * sum(len(e.prompt_ids(p, chat=True)) for p in PROMPTS)
-        assert counts["prefill_tokens"] == prompt_tokens or tied and counts["prefill_tokens"] > prompt_tokens
-        assert 0 < counts["decode_tokens"] <= (n - 1) * k * len(PROMPTS)
+    for p, r in zip(PROMPTS, res):
+        usage = r.usage
+        assert usage["method"] == "vote" and usage["latent_steps"] == usage["bus_bytes"] == 0
+        tied = len(r.trace[-1]["vote"]["tied"]) > 1
+        for e, counts in zip(roles, usage["experts"]):
+            prompt_tokens = k * len(e.prompt_ids(p, chat=True))
+            assert counts["prefill_tokens"] == prompt_tokens or tied and counts["prefill_tokens"] > prompt_tokens
+            assert 0 < counts["decode_tokens"] <= (n - 1) * k
+        assert 0 < usage["generated_tokens"] <= n * k * len(roles)
+    assert res.usage["tokens"] == sum(r.usage["tokens"] for r in res)
 
 
 def test_default_budget_is_one_sample_per_expert(roles):
@@ -100,8 +103,7 @@ def test_default_budget_is_one_sample_per_expert(roles):
     res = run("vote", roles, PROMPTS[:1], max_new_tokens=5, seed=0)[0]
     assert len(res.trace) == len(roles) + 1
     bound = sum(len(e.prompt_ids(PROMPTS[0], chat=True)) + 5 for e in roles)
-    spent = sum(c["prefill_tokens"] + c["decode_tokens"] for c in res.usage["experts"])
-    assert spent <= bound or res.trace[-1]["vote"]["tied"]
+    assert res.usage["tokens"] <= bound or res.trace[-1]["vote"]["tied"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

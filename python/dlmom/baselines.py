@@ -1,8 +1,8 @@
 """What a user would run instead of DL-MoM, measured the same way: one expert alone, a text pipeline, a
 self-consistency vote, and LatentMAS.
 
-``run(method, experts, prompts, ...)`` answers prompts with one of METHODS and returns the engine's
-``Result`` list (one per prompt), so one harness compares them:
+``run(method, experts, prompts, ...)`` answers prompts with one of METHODS and returns a ``Results`` list
+(one ``Result`` per prompt) as the engine does, so one harness compares them:
 
 - ``"dlmom"``: the engine (``DLMoM(experts, config).generate``).
 - ``"single"``: one expert alone (``expert``: its index, default the first), transformers' ``generate`` on
@@ -16,23 +16,24 @@ self-consistency vote, and LatentMAS.
   number GSM8K style, else the normalised last line; blank answers abstain) is a vote and the most voted
   wins. A tie goes to the tied answer whose sample has the lowest bits per byte under the expert that wrote
   it (``dlmom.router.bits_per_byte``, the router's score, teacher-forced on that expert's own prompt and
-  answer; these scoring forwards run only for tied prompts and count as prefilled tokens; equal scores: the
-  expert listed first). The text is the winning sample's (the first one with the winning answer, or the
-  one that broke the tie). Token budget: DL-MoM on an item runs every expert over its prompt and at most
-  ``max_new_tokens`` steps, i.e. at most sum over experts of (prompt tokens + max_new_tokens); one sample
-  from every expert costs exactly that bound, so the default ``vote_samples=1`` matches DL-MoM's budget,
-  and ``vote_samples=n`` spends n times it (each sample prefills its prompt again, as ``generate`` with
-  repeated rows does). Same seed, same samples and votes.
+  answer; these scoring forwards run only for tied prompts and count as that prompt's prefilled tokens;
+  equal scores: the expert listed first). The text is the winning sample's (the first one with the winning
+  answer, or the one that broke the tie). Token budget: DL-MoM on an item runs every expert over its
+  prompt and at most ``max_new_tokens`` steps, so its ``usage["tokens"]`` is at most the sum over experts
+  of (prompt tokens + max_new_tokens); one sample from every expert costs exactly that bound, so the
+  default ``vote_samples=1`` matches DL-MoM's budget, and ``vote_samples=n`` spends n times it (each sample
+  prefills its prompt again, as ``generate`` with repeated rows does). Same seed, same samples and votes.
 - ``"latent-mas"``: LatentMAS (``dlmom.latent_mas``): the roles of one model in order on one KV cache, each
   but the last taking ``latent_steps`` latent steps (default 10, this module's choice) after its prompt, the
   last decoding greedily. Greedy: ``seed`` changes nothing.
 
-Baselines batch the prompts (left padding, as the engine does). Their usage counts what the forwards
-processed, like the engine's: ``prefill_tokens`` are the non-pad prompt tokens, ``decode_tokens`` one per
-row per decode forward (``generate`` keeps feeding rows that already ended until the whole batch ends,
+Baselines batch the prompts (left padding, as the engine does) and return a ``Results`` list like the
+engine's: each Result's usage is its prompt's (``dlmom.results.prompt_usage``), the list's ``usage`` the
+batch's totals. Usage counts what the forwards processed, like the engine's: ``prefill_tokens`` are the
+non-pad prompt tokens, ``decode_tokens`` one per row per decode forward (``generate`` keeps feeding rows that already ended until the whole batch ends,
 and so does the engine; a latent step of latent-mas is one decode token per row, as a latent packet is in
 the engine). ``generated_tokens`` counts only the tokens each row produced up to and including its
-end-of-sequence token. ``latent_steps`` sums the latent steps over the prompts (latent-mas), 0 otherwise.
+end-of-sequence token. ``latent_steps``: the prompt's latent steps (latent-mas), 0 otherwise.
 ``expert_forward_s`` is the time inside the models' forwards; ``bus_bytes`` is, for text-mas, the UTF-8
 bytes of answer text handed from agent to agent (an answer read by two later agents counts twice), 0 for
 the others (latent-mas hands over nothing: its agents read one cache in place).
@@ -51,7 +52,7 @@ from .answers import final_answer
 from .engine import DLMoM, DLMoMConfig, check_generate_args
 from .experts import Expert, as_experts, fit_budget
 from .latent_mas import latent_mas as _latent_mas_pass
-from .results import Result, cut_at_stop
+from .results import Result, Results, batch_usage, cut_at_stop, prompt_usage
 from .router import bits_per_byte
 from .soft_thinking import SoftThinkingRunner, _left_pad
 
@@ -96,8 +97,9 @@ def _forward_timer(model: torch.nn.Module, clock: list[float]):
 
 
 def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: DLMoMConfig, clock: list[float],
-            ) -> tuple[list[str], dict]:
-    """One expert's answers to a batch of prompts with transformers' generate; (texts, usage counts)."""
+            ) -> tuple[list[str], list[dict], list[int]]:
+    """One expert's answers to a batch of prompts with transformers' generate: (texts, per prompt its token
+    counts for ``prompt_usage``, per prompt the tokens generated)."""
     tok, model = expert.tokenizer, expert.model
     eos = expert.eos_ids()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos or {0})
@@ -110,16 +112,16 @@ def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: 
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=sorted(eos) or None, **sampling)
     new = out[:, ids.shape[1]:].tolist()
-    texts, generated = [], 0
+    texts, generated = [], []
     for row in new:
         end = next((i for i, t in enumerate(row) if t in eos), None)
         kept = row if end is None else row[:end]
-        generated += len(kept) + (end is not None)
+        generated.append(len(kept) + (end is not None))
         texts.append(tok.decode(kept, skip_special_tokens=True))
     steps = len(new[0]) if new else 0
-    counts = {"expert": expert.name, "prefill_tokens": int(mask.sum()),
-              "decode_tokens": max(steps - 1, 0) * len(prompts), "generated_tokens": generated}
-    return texts, counts
+    counts = [{"expert": expert.name, "prefill_tokens": n, "decode_tokens": max(steps - 1, 0)}
+              for n in mask.sum(-1).tolist()]
+    return texts, counts, generated
 
 
 def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
@@ -133,48 +135,55 @@ def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
-def _usage(method: str, start: float, clock: list[float], experts: list[dict], bus_bytes: int, *,
-           latent_steps: int = 0) -> dict:
-    return {"method": method, "experts": experts, "wall_s": time.perf_counter() - start,
-            "expert_forward_s": clock[0], "latent_steps": latent_steps, "bus_bytes": bus_bytes, "switches": 0,
-            "generated_tokens": sum(e["generated_tokens"] for e in experts)}
+def _results(method: str, texts: list[str], traces: list[list[dict]], counts: list[list[dict]],
+             generated: list[int], bus_bytes: list[int], start: float, clock: list[float], *,
+             latent_steps: list[int] | None = None) -> Results:
+    """Results with per-prompt usage (``counts[b]``: prompt b's counts per agent) and the batch's totals."""
+    wall = time.perf_counter() - start
+    latent_steps = latent_steps or [0] * len(texts)
+    per_prompt = [prompt_usage(method, c, wall_s=wall, generated_tokens=g, bus_bytes=n, latent_steps=m)
+                  for c, g, n, m in zip(counts, generated, bus_bytes, latent_steps)]
+    usage = batch_usage(method, per_prompt, wall_s=wall, expert_forward_s=clock[0])
+    return Results([Result(t, trace, [], u) for t, trace, u in zip(texts, traces, per_prompt)], usage)
 
 
 def single(experts, prompts: list[str], *, expert: int = 0, max_new_tokens: int = 256,
-           config: DLMoMConfig | None = None, stop: list[str] | None = None) -> list[Result]:
+           config: DLMoMConfig | None = None, stop: list[str] | None = None) -> Results:
     """Expert ``expert`` alone. trace: one record (the agent, its prompt and answer) per prompt."""
     config = config or DLMoMConfig()
     chosen = experts[expert]
     start, clock = time.perf_counter(), [0.0]
-    texts, counts = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
+    texts, counts, generated = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
     texts = [cut_at_stop(t, stop or [])[0] for t in texts]
-    usage = _usage("single", start, clock, [counts], 0)
-    return [Result(t, [{"agent": chosen.name, "prompt": p, "text": t}], [], usage) for p, t in zip(prompts, texts)]
+    traces = [[{"agent": chosen.name, "prompt": p, "text": t}] for p, t in zip(prompts, texts)]
+    return _results("single", texts, traces, [[c] for c in counts], generated, [0] * len(prompts), start, clock)
 
 
 def text_mas(experts, prompts: list[str], *, max_new_tokens: int = 256, config: DLMoMConfig | None = None,
-             stop: list[str] | None = None) -> list[Result]:
+             stop: list[str] | None = None) -> Results:
     """The sequential text pipeline. trace: one record per agent (its prompt and full answer)."""
     config = config or DLMoMConfig()
     start, clock = time.perf_counter(), [0.0]
+    B = len(prompts)
     earlier: list[list[tuple[str, str]]] = [[] for _ in prompts]
     traces: list[list[dict]] = [[] for _ in prompts]
-    counts, bus_bytes, texts = [], 0, [""] * len(prompts)
+    counts: list[list[dict]] = [[] for _ in prompts]
+    generated, bus_bytes, texts = [0] * B, [0] * B, [""] * B
     for agent in experts:
         asked = [_pipeline_prompt(p, e) for p, e in zip(prompts, earlier)]
-        bus_bytes += sum(len(t.encode()) for e in earlier for _, t in e)
-        texts, c = _answer(agent, asked, max_new_tokens=max_new_tokens, config=config, clock=clock)
-        counts.append(c)
+        texts, c, g = _answer(agent, asked, max_new_tokens=max_new_tokens, config=config, clock=clock)
         for b, text in enumerate(texts):
+            bus_bytes[b] += sum(len(t.encode()) for _, t in earlier[b])
             earlier[b].append((agent.name, text))
             traces[b].append({"agent": agent.name, "prompt": asked[b], "text": text})
+            counts[b].append(c[b])
+            generated[b] += g[b]
     texts = [cut_at_stop(t, stop or [])[0] for t in texts]
-    usage = _usage("text-mas", start, clock, counts, bus_bytes)
-    return [Result(t, trace, [], usage) for t, trace in zip(texts, traces)]
+    return _results("text-mas", texts, traces, counts, generated, bus_bytes, start, clock)
 
 
 def vote(experts, prompts: list[str], *, samples: int = 1, max_new_tokens: int = 256,
-         config: DLMoMConfig | None = None, stop: list[str] | None = None, progress: bool = False) -> list[Result]:
+         config: DLMoMConfig | None = None, stop: list[str] | None = None, progress: bool = False) -> Results:
     """Self-consistency over the experts (see the module docstring). trace: one record per sample (agent,
     sample index, text, extracted answer; bits_per_byte when it was scored for a tie), then one record
     ``{"vote": {"tally", "answer", "tied", "decided_by", "agent", "sample"}}``."""
@@ -183,12 +192,18 @@ def vote(experts, prompts: list[str], *, samples: int = 1, max_new_tokens: int =
     config = config or DLMoMConfig()
     sampling = dataclasses.replace(config, do_sample=True)
     start, clock = time.perf_counter(), [0.0]
+    B = len(prompts)
     rows = [p for p in prompts for _ in range(samples)]  # row = b * samples + s
     draws: list[list[dict]] = [[] for _ in prompts]  # per prompt, expert-major then sample order
-    counts = []
+    counts: list[list[dict]] = [[] for _ in prompts]  # per prompt, per expert (its samples summed)
+    generated = [0] * B
     for k, agent in enumerate(tqdm(experts, desc="vote experts", disable=not progress, unit="expert")):
-        texts, c = _answer(agent, rows, max_new_tokens=max_new_tokens, config=sampling, clock=clock)
-        counts.append(c)
+        texts, c, g = _answer(agent, rows, max_new_tokens=max_new_tokens, config=sampling, clock=clock)
+        for b in range(B):
+            mine = range(b * samples, (b + 1) * samples)
+            counts[b].append({"expert": agent.name, "prefill_tokens": sum(c[r]["prefill_tokens"] for r in mine),
+                              "decode_tokens": sum(c[r]["decode_tokens"] for r in mine)})
+            generated[b] += sum(g[r] for r in mine)
         for r, text in enumerate(texts):
             text = cut_at_stop(text, stop or [])[0]
             draws[r // samples].append({"agent": agent.name, "sample": r % samples, "text": text,
@@ -196,8 +211,7 @@ def vote(experts, prompts: list[str], *, samples: int = 1, max_new_tokens: int =
     tallies = [collections.Counter(d["answer"] for d in ds if d["answer"] is not None) for ds in draws]
     tied = [[a for a, n in t.items() if n == max(t.values())] for t in tallies]
     _score_ties(experts, prompts, draws, tied, chat=config.chat, counts=counts, clock=clock)
-    usage = _usage("vote", start, clock, counts, 0)
-    results = []
+    texts, traces = [], []
     for ds, tally, best in zip(draws, tallies, tied):
         if not best:
             pick, decided = ds[0], "none"
@@ -210,14 +224,16 @@ def vote(experts, prompts: list[str], *, samples: int = 1, max_new_tokens: int =
         trace.append({"vote": {"tally": dict(tally), "answer": pick["answer"] if best else None,
                                "tied": best if len(best) > 1 else [], "decided_by": decided,
                                "agent": pick["agent"], "sample": pick["sample"]}})
-        results.append(Result(pick["text"], trace, [], usage))
-    return results
+        texts.append(pick["text"])
+        traces.append(trace)
+    return _results("vote", texts, traces, counts, generated, [0] * B, start, clock)
 
 
 def _score_ties(experts: list[Expert], prompts: list[str], draws: list[list[dict]], tied: list[list[str]], *,
-                chat: bool, counts: list[dict], clock: list[float]) -> None:
+                chat: bool, counts: list[list[dict]], clock: list[float]) -> None:
     """For prompts whose vote is tied: each sample with a tied answer gets ``bits_per_byte`` under the expert that
-    wrote it (its prompt, then its text, teacher-forced); those tokens count as that expert's prefill."""
+    wrote it (its prompt, then its text, teacher-forced); those tokens count as that expert's prefill for the
+    prompt."""
     for k, agent in enumerate(experts):
         scored = [(b, d) for b, ds in enumerate(draws) if len(tied[b]) > 1
                   for d in ds if d["_expert"] == k and d["answer"] in tied[b]]
@@ -225,25 +241,28 @@ def _score_ties(experts: list[Expert], prompts: list[str], draws: list[list[dict
             continue
         runner = SoftThinkingRunner([agent])
         bpb = bits_per_byte(runner, [prompts[b] for b, _ in scored], [d["text"] for _, d in scored], chat=chat)
-        for (_, d), x in zip(scored, bpb[0].tolist()):
+        for (b, d), x in zip(scored, bpb[0].tolist()):
             d["bits_per_byte"] = round(x, 6)
-        counts[k]["prefill_tokens"] += runner.prefill_tokens[0]
+            # What bits_per_byte feeds: the prompt's ids, then the text's.
+            counts[b][k]["prefill_tokens"] += len(agent.prompt_ids(prompts[b], chat=chat)) + len(
+                agent.tokenizer.encode(d["text"], add_special_tokens=False))
         clock[0] += runner.forward_s
 
 
 def latent_mas(experts, prompts: list[str], *, latent_steps: int = LATENT_STEPS, max_new_tokens: int = 256,
                config: DLMoMConfig | None = None, stop: list[str] | None = None, progress: bool = False
-               ) -> list[Result]:
+               ) -> Results:
     """LatentMAS on one model's roles (dlmom.latent_mas). trace: one record per agent (its prompt, its latent
     steps, the top-1 token of each latent step as text; the last agent's answer text)."""
     config = config or DLMoMConfig()
     start, clock = time.perf_counter(), [0.0]
-    texts, traces, counts = _latent_mas_pass(experts, prompts, latent_steps=latent_steps,
-                                             max_new_tokens=max_new_tokens, chat=config.chat, clock=clock,
-                                             progress=progress)
+    texts, traces, counts, generated = _latent_mas_pass(experts, prompts, latent_steps=latent_steps,
+                                                        max_new_tokens=max_new_tokens, chat=config.chat,
+                                                        clock=clock, progress=progress)
     texts = [cut_at_stop(t, stop or [])[0] for t in texts]
-    usage = _usage("latent-mas", start, clock, counts, 0, latent_steps=sum(c["latent_steps"] for c in counts))
-    return [Result(t, trace, [], usage) for t, trace in zip(texts, traces)]
+    latent = [latent_steps * (len(experts) - 1)] * len(prompts)
+    return _results("latent-mas", texts, traces, counts, generated, [0] * len(prompts), start, clock,
+                    latent_steps=latent)
 
 
 def _check_count(name: str, value, lo: int) -> None:
@@ -253,7 +272,7 @@ def _check_count(name: str, value, lo: int) -> None:
 
 def run(method: str, experts, prompts, *, max_new_tokens: int = 256, config: DLMoMConfig | None = None,
         expert: int = 0, seed: int | None = None, stop=None, progress: bool = False, vote_samples: int = 1,
-        latent_steps: int = LATENT_STEPS) -> list[Result]:
+        latent_steps: int = LATENT_STEPS) -> Results:
     """Answer ``prompts`` with ``method`` (one of METHODS) on ``experts`` (as DLMoM takes them); one Result
     per prompt. ``config`` is the engine's; baselines read ``chat``, ``do_sample``, ``temperature`` and
     ``top_p`` from it. ``expert``: which expert ``"single"`` runs (an index into ``experts``).

@@ -123,9 +123,11 @@ def _room(experts: list[Expert], rows: list[list[list[int]]], latent: int, max_n
 
 
 def latent_mas(experts: list[Expert], prompts: list[str], *, latent_steps: int, max_new_tokens: int, chat: bool,
-               clock: list[float], progress: bool = False) -> tuple[list[str], list[list[dict]], list[dict]]:
-    """Run the agents on one cache; returns (answer texts, per prompt the trace: one record per agent, the
-    usage counts per agent). Greedy throughout: no randomness."""
+               clock: list[float], progress: bool = False
+               ) -> tuple[list[str], list[list[dict]], list[list[dict]], list[int]]:
+    """Run the agents on one cache; returns (answer texts, per prompt its trace (one record per agent), per
+    prompt its token counts per agent (``prefill_tokens``, ``decode_tokens``: latent steps, then decode
+    forwards), per prompt the tokens generated). Greedy throughout: no randomness."""
     from tqdm.auto import tqdm
 
     check_one_model(experts)
@@ -140,7 +142,7 @@ def latent_mas(experts: list[Expert], prompts: list[str], *, latent_steps: int, 
         * experts[0].embed_scale
     cache = SharedCache(model, B, pad_id, clock)
     traces: list[list[dict]] = [[] for _ in prompts]
-    counts = []
+    counts: list[list[dict]] = [[] for _ in prompts]
     for i, agent in enumerate(tqdm(experts, desc="latent-mas agents", disable=not progress, unit="agent")):
         logits, h = cache.append_tokens(rows[i])
         steps = 0 if i == len(experts) - 1 else latent_steps
@@ -151,35 +153,34 @@ def latent_mas(experts: list[Expert], prompts: list[str], *, latent_steps: int, 
             logits, h = cache.append_embeds(e.to(experts[0].embedding.dtype))
             for b, t in enumerate(logits.argmax(-1).tolist()):
                 tops[b].append(t)
-        counts.append({"expert": agent.name, "prefill_tokens": sum(len(r) for r in rows[i]),
-                       "decode_tokens": steps * B, "latent_steps": steps * B, "generated_tokens": 0})
         for b, p in enumerate(prompts):
+            counts[b].append({"expert": agent.name, "prefill_tokens": len(rows[i][b]), "decode_tokens": steps})
             # The top-1 token at each latent step: a reading aid, not something any agent reads.
             traces[b].append({"agent": agent.name, "prompt": p, "latent_steps": steps,
                               "latent_top1": tok.decode(tops[b], skip_special_tokens=False)})
     texts, decoded, generated = _greedy(cache, logits, tok, eos, pad_id, max_new_tokens)
-    counts[-1].update(decode_tokens=decoded, generated_tokens=generated)
     for b, text in enumerate(texts):
         traces[b][-1]["text"] = text
-    return texts, traces, counts
+        counts[b][-1]["decode_tokens"] = decoded
+    return texts, traces, counts, generated
 
 
 def _greedy(cache: SharedCache, logits: torch.Tensor, tok, eos: set[int], pad_id: int, max_new_tokens: int
-            ) -> tuple[list[str], int, int]:
+            ) -> tuple[list[str], int, list[int]]:
     """Greedy decoding from the last append's logits [B, V], as transformers' generate does it (a row that ended
-    is fed padding until every row has); returns (texts, decode tokens, generated tokens up to and including
-    each row's end-of-sequence token)."""
+    is fed padding until every row has); returns (texts, decode forwards (each one token of every row), per row
+    the tokens generated up to and including its end-of-sequence token)."""
     B = logits.shape[0]
     kept: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    decoded = generated = 0
+    decoded, generated = 0, [0] * B
     for step in range(max_new_tokens):
         token = logits.argmax(-1).tolist()
         for b, t in enumerate(token):
             if done[b]:
                 token[b] = pad_id
                 continue
-            generated += 1
+            generated[b] += 1
             if t in eos:
                 done[b] = True
             else:
@@ -187,5 +188,5 @@ def _greedy(cache: SharedCache, logits: torch.Tensor, tok, eos: set[int], pad_id
         if all(done) or step == max_new_tokens - 1:
             break
         logits, _ = cache.append_tokens([[t] for t in token])
-        decoded += B
+        decoded += 1
     return [tok.decode(k, skip_special_tokens=True) for k in kept], decoded, generated
