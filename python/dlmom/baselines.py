@@ -30,9 +30,9 @@ self-consistency vote, and LatentMAS.
 Baselines batch the prompts (left padding, as the engine does) and return a ``Results`` list like the
 engine's: each Result's usage is its prompt's (``dlmom.results.prompt_usage``), the list's ``usage`` the
 batch's totals. Usage counts what the forwards processed, like the engine's: ``prefill_tokens`` are the
-non-pad prompt tokens, ``decode_tokens`` one per row per decode forward (``generate`` keeps feeding rows that already ended until the whole batch ends,
-and so does the engine; a latent step of latent-mas is one decode token per row, as a latent packet is in
-the engine). ``generated_tokens`` counts only the tokens each row produced up to and including its
+non-pad prompt tokens, ``decode_tokens`` one per row per decode forward (``generate`` keeps feeding rows
+that already ended until the whole batch ends, and so does the engine; a latent step of latent-mas is one
+decode token per row, as a latent packet is in the engine). ``generated_tokens`` counts only the tokens each row produced up to and including its
 end-of-sequence token. ``latent_steps``: the prompt's latent steps (latent-mas), 0 otherwise.
 ``expert_forward_s`` is the time inside the models' forwards; ``bus_bytes`` is, for text-mas, the UTF-8
 bytes of answer text handed from agent to agent (an answer read by two later agents counts twice), 0 for
