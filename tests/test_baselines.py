@@ -136,6 +136,33 @@ def test_cli_methods(model_folder, model, tok):
     assert "text-mas:" in done.stderr and "text-mas:" not in done.stdout
 
 
+def test_cli_vote_and_latent_mas(model_folder, model, tok):
+    done = dlmom("run", PROMPTS[0], "--experts", model_folder, "--max-new-tokens", "6", "--method", "vote",
+                 "--vote-samples", "3", "--seed", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)["results"][0]
+    assert res["usage"]["method"] == "vote" and len(res["trace"]) == 3 + 1 and "vote" in res["trace"][-1]
+    done = dlmom("run", PROMPTS[0], "--experts", model_folder, "--max-new-tokens", "7", "--method", "latent-mas",
+                 "--latent-mas-steps", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)["results"][0]
+    # One agent: nothing to think for, it decodes greedily after its prompt.
+    assert res["usage"]["method"] == "latent-mas" and res["text"] == hf_greedy(model, tok, PROMPTS[0], 7)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "vote", "--latent-mas-steps", "2"], "argument --latent-mas-steps: only --method latent-mas"),
+    (["--method", "single", "--vote-samples", "2"], "argument --vote-samples: only --method vote"),
+    (["--method", "vote", "--vote-samples", "0"], "argument --vote-samples: an integer >= 1, got 0"),
+    (["--method", "vote", "--temperature", "0"], "argument --temperature: --method vote samples"),
+    (["--method", "latent-mas", "--latent-mas-steps", "-1"], "argument --latent-mas-steps: an integer >= 0"),
+    (["--method", "latent-mas", "--experts", "a.gguf", "b.gguf"], "latent-mas runs the roles of one model"),
+])
+def test_cli_baseline_options_checked_before_loading(args, message):
+    done = dlmom("run", "hi", *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 def test_cli_bad_method_is_one_line(model_folder):
     done = dlmom("run", "hi", "--experts", model_folder, "--method", "debate")
     assert done.returncode == 2 and done.stdout == ""

@@ -79,6 +79,18 @@ def _check_before_loading(args: argparse.Namespace):
     if args.method == "single" and args.do_sample and args.temperature == 0:
         raise ValueError(f"argument --temperature: --method single --sample samples with transformers, which needs "
                          f"a temperature > 0, got {args.temperature}")
+    if args.method == "vote" and args.temperature == 0:
+        raise ValueError("argument --temperature: --method vote samples with transformers, which needs a "
+                         "temperature > 0, got 0")
+    for option, value, method, lo in (("--vote-samples", args.vote_samples, "vote", 1),
+                                      ("--latent-mas-steps", args.latent_mas_steps, "latent-mas", 0)):
+        if value is not None and args.method != method:
+            raise ValueError(f"argument {option}: only --method {method} takes it, got --method {args.method}")
+        if value is not None and value < lo:
+            raise ValueError(f"argument {option}: an integer >= {lo}, got {value}")
+    if args.method == "latent-mas" and args.experts and len(args.experts) > 1:
+        raise ValueError("argument --experts: --method latent-mas runs the roles of one model on one KV cache: give "
+                         f"one MODEL (or none, for the default's three roles), got {len(args.experts)}")
     n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
     if args.expert is not None:
         if args.method != "single":
@@ -230,8 +242,10 @@ def _generate(args: argparse.Namespace, config, dtype, device, *, progress: bool
     if args.method == "dlmom":
         return moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
                             progress=progress)
+    extra = {k: v for k, v in (("vote_samples", args.vote_samples), ("latent_steps", args.latent_mas_steps))
+             if v is not None}
     return baselines.run(args.method, moe.experts, args.prompts, max_new_tokens=args.max_new_tokens,
-                         config=config, expert=args.expert or 0, seed=args.seed, stop=args.stop)
+                         config=config, expert=args.expert or 0, seed=args.seed, stop=args.stop, **extra)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,10 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experts", nargs="+", metavar="MODEL",
                      help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary")
     run.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="steps to generate (default 256)")
-    run.add_argument("--method", choices=["dlmom", "single", "text-mas"], default="dlmom",
+    run.add_argument("--method", choices=["dlmom", "single", "text-mas", "vote", "latent-mas"], default="dlmom",
                      help="dlmom: the experts reason together in latent space (default); single: one expert "
                           "alone (see --expert), plain generate; text-mas: the experts in their roles as a "
-                          "sequential text pipeline, each reading the earlier answers, the last one answers")
+                          "sequential text pipeline, each reading the earlier answers, the last one answers; "
+                          "vote: self-consistency, every expert samples answers (--temperature, --top-p) and the "
+                          "most common final answer (last number, else last line) wins; latent-mas: LatentMAS, "
+                          "the roles of one model think in latent steps on one shared KV cache, the last answers")
+    run.add_argument("--vote-samples", type=int, metavar="N",
+                     help="samples per expert for --method vote (default 1: the vote then processes at most the "
+                          "tokens dlmom does on the same prompt)")
+    run.add_argument("--latent-mas-steps", type=int, metavar="M",
+                     help="latent steps per agent (all but the last) for --method latent-mas (default 10)")
     run.add_argument("--expert", type=int, metavar="I",
                      help="which expert --method single runs (only with it): an index into the experts (default 0, the "
                           "first)")
