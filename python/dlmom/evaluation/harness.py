@@ -108,7 +108,7 @@ class _Run:
                 batch = items[first:first + batch_size]
                 for method in self.methods:
                     self._answer(method, [i for i in batch if (i.id, method.name) not in self.done])
-                self._flush(wait=False)
+                    self._flush(wait=False)
         finally:  # on an interruption too: what was answered is scored and written
             try:
                 self._flush(wait=True)
