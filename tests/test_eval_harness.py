@@ -204,10 +204,10 @@ def test_cli_prints_the_table_and_continues(model_folder, gsm8k, tmp_path):
 
 
 def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {n}.", "answer": n} for n in range(40)])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {n}.", "answer": n} for n in range(16)])
     out = tmp_path / "out.jsonl"
     command = ["--task", "jsonl", "--data", str(data), "--experts", model_folder, "--methods", "single,dlmom",
-               "--max-new-tokens", "24", "--preview-tokens", "2", "--out", str(out), "--quiet"]
+               "--max-new-tokens", "16", "--preview-tokens", "2", "--out", str(out), "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "dlmom", "eval", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -217,12 +217,12 @@ def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "the same command continues" in err, err
     before = lines(out)
-    assert 3 <= len(before) < 80
+    assert 3 <= len(before) < 32
     done = dlmom_eval(*command)
     assert done.returncode == 0, done.stderr
     after = lines(out)
-    assert after[:len(before)] == before and len(after) == 80
-    assert len({(r["item"], r["method"]) for r in after}) == 80
+    assert after[:len(before)] == before and len(after) == 32
+    assert len({(r["item"], r["method"]) for r in after}) == 32
 
 
 @pytest.mark.parametrize("rows, args, message", [

@@ -154,6 +154,6 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     _stdout(format_table(ev.summary))
     s = ev.summary
-    _stdout(f"\n{len(ev.records)} records in {args.out}; time outside generation {s['overhead_fraction']:.1%} "
+    _stdout(f"\n{len(ev.records)} records in {args.out}; time outside generation {s['overhead_fraction']:.2%} "
             f"of {s['run_s']:.1f} s (loading aside)")
     return 0
