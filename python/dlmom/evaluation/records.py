@@ -22,7 +22,7 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def usage_numbers(result, batch: int) -> int | None:
+def tokens_of(result, batch: int) -> int | None:
     """Tokens processed for one prompt by all experts (prefill + decode). Before Result.usage became per prompt
     it held per expert counts for the whole batch: their sum is split evenly over the batch's prompts."""
     usage = result.usage
