@@ -141,12 +141,10 @@ def measure(method: str, experts: list, n: int, max_new_tokens: int, repeats: in
         torch.cuda.reset_peak_memory_stats(experts[0].device)
     with PeakRSS() as mem:
         runs = [answer(prompts, max_new_tokens) for _ in range(repeats)]
-    walls = [r[0].usage["wall_s"] for r in runs]
+    walls = [r.usage["wall_s"] for r in runs]
     results = runs[walls.index(min(walls))]
-    usage = results[0].usage  # the whole batch's
-    prefill = sum(e["prefill_tokens"] for e in usage["experts"])
-    decode = sum(e["decode_tokens"] for e in usage["experts"])
-    generated = sum(len(r.trace) for r in results) if kind == "dlmom" else usage["generated_tokens"]
+    usage = results.usage  # the whole batch's
+    prefill, decode, generated = usage["prefill_tokens"], usage["decode_tokens"], usage["generated_tokens"]
     wall, forward = usage["wall_s"], usage["expert_forward_s"]
     row = {
         "method": method, "prompts": n, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),

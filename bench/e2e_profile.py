@@ -71,7 +71,7 @@ def profile(*, prompts: int, max_new_tokens: int, dtype: torch.dtype, device: st
     mixture = DLMoM(experts)
     batch = [p for p, _ in PROMPTS[:prompts]]
     mixture.generate(batch[:1], max_new_tokens=2, seed=0)  # warm-up
-    plain = mixture.generate(batch, max_new_tokens=max_new_tokens, seed=0)[0].usage
+    plain = mixture.generate(batch, max_new_tokens=max_new_tokens, seed=0).usage
 
     clock = ForwardFreeClock()
     handles = []
@@ -82,7 +82,7 @@ def profile(*, prompts: int, max_new_tokens: int, dtype: torch.dtype, device: st
     try:
         start = time.perf_counter()
         profiler.enable()
-        usage = mixture.generate(batch, max_new_tokens=max_new_tokens, seed=0)[0].usage
+        usage = mixture.generate(batch, max_new_tokens=max_new_tokens, seed=0).usage
         profiler.disable()
         wall = time.perf_counter() - start
     finally:

@@ -48,9 +48,9 @@ def run_point(point: dict, model, tokenizer, max_new_tokens: int, repeats: int) 
     best = None
     for _ in range(repeats):
         results = mixture.generate(prompts, max_new_tokens=max_new_tokens, seed=0)
-        if best is None or results[0].usage["wall_s"] < best[0].usage["wall_s"]:
+        if best is None or results.usage["wall_s"] < best.usage["wall_s"]:
             best = results
-    usage = best[0].usage
+    usage = best.usage
     wall, forward = usage["wall_s"], usage["expert_forward_s"]
     steps = max(len(r.trace) for r in best)
     return {
@@ -59,7 +59,7 @@ def run_point(point: dict, model, tokenizer, max_new_tokens: int, repeats: int) 
         "wall_s": round(wall, 4), "expert_forward_s": round(forward, 4),
         "overhead_fraction": round((wall - forward) / wall, 4), "step_s": round(wall / steps, 5),
         "overhead_step_ms": round(1e3 * (wall - forward) / steps, 3),
-        "tokens_processed": sum(e["prefill_tokens"] + e["decode_tokens"] for e in usage["experts"]),
+        "tokens_processed": usage["tokens"],
     }
 
 

@@ -35,9 +35,10 @@ static View to_view(const py::object& obj) {
 #ifdef DLMOM_CUDA_MODULE
 #define DLMOM_MODULE _C_cuda
 #define DLMOM_SUFFIX(name) name##_cuda
-#define DLMOM_STREAM_ARG , uintptr_t stream
-#define DLMOM_STREAM , reinterpret_cast<void*>(stream)
-#define DLMOM_STREAM_PY , py::arg("stream")
+// status: int64 [4] on the device where kernels record value errors (0: none kept)
+#define DLMOM_STREAM_ARG , uintptr_t status, uintptr_t stream
+#define DLMOM_STREAM , reinterpret_cast<int64_t*>(status), reinterpret_cast<void*>(stream)
+#define DLMOM_STREAM_PY , py::arg("status"), py::arg("stream")
 #else
 #define DLMOM_MODULE _C
 #define DLMOM_SUFFIX(name) name##_cpu

@@ -123,14 +123,41 @@ DLMOM_HD TIES_FORCE_INLINE float merge_token(const Load& x, int E, const float* 
   return lowest == -kInf ? -kInf : merged;
 }
 
+// ---- the weights of one row ----
+
+// wt[e] = the weights w[e * sE] of one row b, scaled by a power of two so that the largest is in [0.5, 1) (all 0
+// stays 0), as dlmom.reference.ties_weights: only their ratios count, and den <= E. w == nullptr: all ones.
+// Returns the first expert whose weight is negative, NaN or inf (the row is then bad input), or -1.
+template <int kE>
+DLMOM_HD int row_weights(const float* w, int64_t sE, int E, float* wt) {
+  const int n = kE > 0 ? kE : E;
+  if (w == nullptr) {
+    for (int e = 0; e < n; ++e) wt[e] = 1.f;
+    return -1;
+  }
+  float mx = 0.f;
+  int bad = -1;
+  for (int e = 0; e < n; ++e) {
+    const float v = w[e * sE];
+    if (!(v >= 0.f && v < kInf) && bad < 0) bad = e;
+    mx = v > mx ? v : mx;
+  }
+  int exponent = 0;
+  frexp(double(mx), &exponent);  // mx = m * 2^exponent, m in [0.5, 1); 0 for mx == 0
+  const double f = ldexp(1.0, -exponent);
+  for (int e = 0; e < n; ++e) wt[e] = float(double(w[e * sE]) * f);  // exact down to float32's subnormals
+  return bad;
+}
+
 // ---- argument checks (host) ----
 
 struct Dims {
   int64_t E, B, V;
   bool has_weights;
+  int64_t wsE, wsB;  // the weights' strides over experts and rows (0 over rows for weights [E])
 };
 
-// logits [E, B, V] float, weights [E] f32 or empty, means [E, B] f32, out [B, V] f32.
+// logits [E, B, V] float, weights [E] or [E, B] f32 or empty, means [E, B] f32, out [B, V] f32.
 inline Dims check_args(const View& logits, const View& weights, float theta, int elect, const View& means,
                        const View& out) {
   const char* op = "ties_merge";
@@ -142,9 +169,12 @@ inline Dims check_args(const View& logits, const View& weights, float theta, int
   DLMOM_CHECK(elect == 0 || elect == 1, op, "elect must be 0 (vote) or 1 (mass), got ", elect);
   const bool has_weights = !(weights.data == nullptr && weights.ndim == 0);
   if (has_weights) {
-    check_view(weights, op, "weights", 1);
+    DLMOM_CHECK(weights.ndim == 1 || weights.ndim == 2, op, "weights must have 1 or 2 dims, got ", weights.ndim);
+    check_view(weights, op, "weights", weights.ndim, /*unit_last=*/false);
     check_dtype(weights, DType::f32, op, "weights");
-    DLMOM_CHECK(weights.size[0] == E, op, "weights must have shape [E=", E, "], got [", weights.size[0], "]");
+    DLMOM_CHECK(weights.size[0] == E && (weights.ndim == 1 || weights.size[1] == B), op,
+                "weights must have shape [E=", E, "] or [E=", E, ", B=", B, "], got [", weights.size[0],
+                weights.ndim == 2 ? ", " : "", weights.ndim == 2 ? std::to_string(weights.size[1]) : "", "]");
   }
   check_view(means, op, "means", 2);
   check_dtype(means, DType::f32, op, "means");
@@ -161,7 +191,9 @@ inline Dims check_args(const View& logits, const View& weights, float theta, int
     check_disjoint(means, "means", weights, "weights", op);
     check_disjoint(out, "out", weights, "weights", op);
   }
-  return {E, B, V, has_weights};
+  const int64_t wsE = has_weights ? weights.stride[0] : 0;
+  const int64_t wsB = has_weights && weights.ndim == 2 ? weights.stride[1] : 0;
+  return {E, B, V, has_weights, wsE, wsB};
 }
 
 }  // namespace ties

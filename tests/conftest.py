@@ -26,8 +26,10 @@ def layout(t: torch.Tensor, contiguous: bool) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def _kernels_backend(monkeypatch):
-    """Tests run the kernels unless they set DLMOM_BACKEND themselves."""
+    """Tests run the kernels unless they set DLMOM_BACKEND themselves, and CUDA kernels report a bad value at
+    the op that found it (DLMOM_STRICT_OPS=1; the engine's once-per-step check has its own test)."""
     monkeypatch.delenv("DLMOM_BACKEND", raising=False)
+    monkeypatch.setenv("DLMOM_STRICT_OPS", "1")
 
 
 @pytest.fixture(scope="module")

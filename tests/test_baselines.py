@@ -25,13 +25,17 @@ def test_single_equals_transformers_generate(model, tok, roles):
     res = run("single", roles, PROMPTS, max_new_tokens=10, expert=1)
     # Batched with left padding, yet each answer is what generate gives the prompt alone.
     assert [r.text for r in res] == [hf_greedy(model, tok, p, 10, system=roles[1].system_prompt) for p in PROMPTS]
-    usage = res[0].usage
+    usage = res.usage
     assert [e["expert"] for e in usage["experts"]] == ["role1"]
     prompt_tokens = sum(len(roles[1].prompt_ids(p, chat=True)) for p in PROMPTS)
     assert usage["experts"][0]["prefill_tokens"] == prompt_tokens
     # 10 steps without an end-of-sequence token: 9 decode forwards over both rows.
     assert usage["experts"][0]["decode_tokens"] == 9 * len(PROMPTS)
     assert usage["generated_tokens"] == 10 * len(PROMPTS)
+    for p, r in zip(PROMPTS, res):  # each prompt's own share
+        own = len(roles[1].prompt_ids(p, chat=True))
+        assert r.usage["experts"] == [{"expert": "role1", "prefill_tokens": own, "decode_tokens": 9}]
+        assert r.usage["tokens"] == own + 9 and r.usage["generated_tokens"] == 10
 
 
 def test_single_sampling_follows_the_seed(roles):
@@ -52,7 +56,7 @@ def test_text_mas_feeds_each_agent_the_earlier_answers(model, tok, roles):
             earlier.append((roles[i].name, step["text"]))
         assert r.text == r.trace[-1]["text"]
         assert all(t["text"] in r.trace[-1]["prompt"] for t in r.trace[:-1])
-    usage = res[0].usage
+    usage = res.usage
     for i, counts in enumerate(usage["experts"]):
         read = sum(len(roles[i].prompt_ids(r.trace[i]["prompt"], chat=True)) for r in res)
         assert counts["prefill_tokens"] == read
@@ -62,6 +66,11 @@ def test_text_mas_feeds_each_agent_the_earlier_answers(model, tok, roles):
     assert prefill[0] < prefill[1] < prefill[2]
     passed = sum(len(t["text"].encode()) * (len(r.trace) - 1 - i) for r in res for i, t in enumerate(r.trace))
     assert usage["bus_bytes"] == passed > 0
+    for r in res:
+        read = [len(t["text"].encode()) * (len(r.trace) - 1 - i) for i, t in enumerate(r.trace)]
+        assert r.usage["bus_bytes"] == sum(read)
+        assert [c["prefill_tokens"] for c in r.usage["experts"]] == [
+            len(roles[i].prompt_ids(t["prompt"], chat=True)) for i, t in enumerate(r.trace)]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -70,8 +79,11 @@ def test_every_method_returns_the_engine_result_shape(roles, method):
     assert len(res) == len(PROMPTS) and all(isinstance(r, Result) for r in res)
     r = res[0]
     assert isinstance(r.text, str) and isinstance(r.trace, list) and isinstance(r.route, list)
-    assert {"experts", "wall_s", "expert_forward_s", "bus_bytes", "latent_steps", "switches"} <= set(r.usage)
-    assert r.usage["wall_s"] >= r.usage["expert_forward_s"] > 0
+    keys = {"method", "experts", "tokens", "prefill_tokens", "decode_tokens", "generated_tokens", "wall_s", "bus_bytes",
+            "latent_steps", "switches"}
+    assert keys <= set(r.usage) and keys <= set(res.usage) and r.usage["method"] == method
+    assert res.usage["wall_s"] >= res.usage["expert_forward_s"] > 0 and r.usage["wall_s"] == res.usage["wall_s"]
+    assert res.usage["tokens"] == sum(x.usage["tokens"] for x in res)
     for e in r.usage["experts"]:
         assert e["prefill_tokens"] > 0 and e["decode_tokens"] > 0
     assert json.loads(json.dumps(r.to_dict()))["text"] == r.text
@@ -116,7 +128,7 @@ def test_cli_methods(model_folder, model, tok):
     done = dlmom("run", PROMPTS[0], "--experts", model_folder, "--max-new-tokens", "7", "--method", "single",
                  "--json")
     assert done.returncode == 0, done.stderr
-    single = json.loads(done.stdout)[0]
+    single = json.loads(done.stdout)["results"][0]
     assert single["usage"]["method"] == "single" and single["text"] == hf_greedy(model, tok, PROMPTS[0], 7)
     done = dlmom("run", PROMPTS[0], "--experts", model_folder, model_folder, "--max-new-tokens", "5",
                  "--method", "text-mas")

@@ -38,8 +38,9 @@ def test_run_json_prints_only_json(model_folder):
     done = dlmom("run", "What is 12 * 7?", "Add 3 to 5.", "--experts", model_folder, model_folder,
                  "--max-new-tokens", "6", "--seed", "1", "--json")
     assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)
-    assert len(results) == 2
+    printed = json.loads(done.stdout)
+    results = printed["results"]
+    assert len(results) == 2 and printed["usage"]["prompts"] == 2
     assert {"text", "trace", "route", "usage"} <= set(results[0])
     assert 1 <= len(results[0]["trace"]) <= 6
 
@@ -48,8 +49,8 @@ def test_run_kv_kivi_reports_cache_bytes(model_folder):
     done = dlmom("run", "What is 12 * 7?", "--experts", model_folder, "--max-new-tokens", "4", "--kv", "kivi",
                  "--json")
     assert done.returncode == 0, done.stderr
-    usage = json.loads(done.stdout)[0]["usage"]
-    assert usage["kv"] == "kivi" and usage["experts"][0]["cache_bytes"] > 0
+    usage = json.loads(done.stdout)["usage"]
+    assert usage["kv"] == "kivi" and list(usage["cache_bytes"].values())[0] > 0
 
 
 def test_run_prints_the_answer_on_stdout(model_folder):
@@ -142,7 +143,7 @@ def test_hub_id_from_the_hub_cache_loads_while_the_hub_is_unreachable(model_fold
     done = dlmom("run", "What is 12 * 7?", "--experts", "tiny/llama", "--max-new-tokens", "3", "--json",
                  HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)[0]["usage"]["experts"][0]["expert"] == "tiny/llama"
+    assert json.loads(done.stdout)["results"][0]["usage"]["experts"][0]["expert"] == "tiny/llama"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -275,7 +276,7 @@ def test_quiet_and_json_runs_print_nothing_on_stderr(flag, model_folder, tmp_pat
                           text=True, timeout=300, env=dict(env, DLMOM_CACHE=str(tmp_path / "cache")))
     assert done.returncode == 0 and done.stderr == "", done.stderr
     if flag == "--json":
-        assert json.loads(done.stdout)[0]["text"] is not None
+        assert json.loads(done.stdout)["results"][0]["text"] is not None
 
 
 def test_an_error_while_decoding_starts_on_its_own_line(model_folder, monkeypatch, capsys):
@@ -301,12 +302,12 @@ ESCAPED = "ok\\x1b[2J\\x1b]0;pwned\\x07\\x0dover\\x00\\x7f\\x9b31m\tend\nline 2"
 
 @pytest.fixture
 def answers_with_control_characters(model_folder, monkeypatch):
-    from dlmom.engine import DLMoM, Result
+    from dlmom.engine import DLMoM, Result, Results
 
     def generate(self, prompts, **kwargs):
         usage = {"experts": [{"expert": "e\x1b[1m"}], "switches": 0, "wall_s": 0.0}
-        return [Result(CONTROL, [{"mode": "latent"}], [{"expert": "e\x1b[1m", "kept": True}], usage)
-                for _ in prompts]
+        return Results([Result(CONTROL, [{"mode": "latent"}], [{"expert": "e\x1b[1m", "kept": True}], usage)
+                        for _ in prompts], usage)
 
     monkeypatch.setattr(DLMoM, "generate", generate)
     return model_folder
@@ -334,7 +335,7 @@ def test_control_characters_reach_a_pipe_as_generated(answers_with_control_chara
     assert cli.main(["run", "hi", "--experts", answers_with_control_characters, "--quiet"]) == 0
     assert capsys.readouterr().out == CONTROL + "\n"
     assert cli.main(["run", "hi", "--experts", answers_with_control_characters, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["text"] == CONTROL
+    assert json.loads(capsys.readouterr().out)["results"][0]["text"] == CONTROL
 
 
 def test_control_characters_in_a_partial_answer_are_escaped_on_stderr(model_folder, monkeypatch, capsys):

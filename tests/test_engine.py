@@ -99,8 +99,14 @@ def test_result_shape_trace_route_usage(tok):
     assert 0.0 <= r.trace[0]["entropy"] <= 1.0 and len(r.trace[0]["top"]) == 5
     assert [x["expert"] for x in r.route] == ["e0", "e1"] and sum(x["kept"] for x in r.route) == 1
     assert {x["expert"] for x in r.usage["experts"]} == {"e0", "e1"}
-    assert r.usage["wall_s"] >= r.usage["expert_forward_s"] > 0
+    assert res.usage["wall_s"] >= res.usage["expert_forward_s"] > 0 and r.usage["wall_s"] == res.usage["wall_s"]
     assert r.usage["bus_bytes"] > 0 and r.to_dict()["text"] == r.text
+    # Per prompt: its own tokens; the batch's totals are their sums, reported once on the list.
+    assert r.usage["tokens"] == r.usage["prefill_tokens"] + r.usage["decode_tokens"] > 0
+    assert r.usage["generated_tokens"] == len(r.trace)
+    for key in ("tokens", "bus_bytes", "latent_steps", "switches", "generated_tokens"):
+        assert res.usage[key] == sum(x.usage[key] for x in res)
+    assert res.usage["prompts"] == len(res)
 
 
 def test_router_scores_from_the_preview_steps_equal_teacher_forcing(tok):
@@ -180,7 +186,7 @@ def test_stop_string_ends_the_answer(model, tok):
 
 
 def _cache_bytes(result) -> dict:
-    return {u["expert"]: u["cache_bytes"] for u in result.usage["experts"]}
+    return result.usage["cache_bytes"]
 
 
 def test_kivi_cache_equals_full_while_nothing_is_quantised(model, tok):
@@ -190,8 +196,8 @@ def test_kivi_cache_equals_full_while_nothing_is_quantised(model, tok):
         PROMPTS[:2], max_new_tokens=16)
     assert [r.text for r in kivi] == [r.text for r in full]
     assert [t["top"] for t in kivi[0].trace] == [t["top"] for t in full[0].trace]
-    assert full[0].usage["kv"] == "full" and kivi[0].usage["kv"] == "kivi"
-    assert _cache_bytes(kivi[0]) == _cache_bytes(full[0]) and all(_cache_bytes(full[0]).values())
+    assert full.usage["kv"] == "full" and kivi.usage["kv"] == "kivi"
+    assert _cache_bytes(kivi) == _cache_bytes(full) and all(_cache_bytes(full).values())
 
 
 def test_kivi_cache_in_the_loop_holds_fewer_bytes(model, tok):
@@ -204,7 +210,7 @@ def test_kivi_cache_in_the_loop_holds_fewer_bytes(model, tok):
     assert isinstance(cache, dlmom.KIVICache)
     assert cache.layers[0].quantized_keys, "prompts longer than 16 tokens must be quantised"
     assert all(len(r.trace) == 24 for r in kivi)
-    small, big = _cache_bytes(kivi[0]), _cache_bytes(full[0])
+    small, big = _cache_bytes(kivi), _cache_bytes(full)
     assert all(0 < small[name] < 0.6 * big[name] for name in big), (small, big)
 
 
@@ -240,13 +246,14 @@ def test_shared_prefill_equals_separate_prefill(model, tok):
     rows = [[e.prompt_ids(p, chat=True) for e in experts] for p in PROMPTS]
     common = [next(i for i, col in enumerate(zip(*r)) if len(set(col)) > 1) for r in rows]
     assert min(common) > 0
-    assert runner_s.shared_prefill_tokens == [0] + [sum(common)] * 2
-    assert runner_s.prefill_tokens[0] == runner_a.prefill_tokens[0]
-    assert [s + c for s, c in zip(runner_s.prefill_tokens[1:], runner_s.shared_prefill_tokens[1:])] == \
-        runner_a.prefill_tokens[1:]
+    assert runner_s.shared_prefill_tokens.tolist() == [[0] * len(PROMPTS)] + [common] * 2
+    assert runner_s.prefill_tokens[0].tolist() == runner_a.prefill_tokens[0].tolist()
+    assert (runner_s.prefill_tokens[1:] + runner_s.shared_prefill_tokens[1:]).tolist() == \
+        runner_a.prefill_tokens[1:].tolist()
     res_s, res_a = shared.generate(PROMPTS, max_new_tokens=10), alone.generate(PROMPTS, max_new_tokens=10)
     assert [r.text for r in res_s] == [r.text for r in res_a]
-    assert res_s[0].usage["shared_prefill_tokens"] == 2 * sum(common) and res_a[0].usage["shared_prefill_tokens"] == 0
+    assert res_s.usage["shared_prefill_tokens"] == 2 * sum(common) and res_a.usage["shared_prefill_tokens"] == 0
+    assert [r.usage["shared_prefill_tokens"] for r in res_s] == [2 * c for c in common]
 
 
 def test_routed_out_roles_leave_the_batch_and_the_kept_role_continues_alone(model, tok):
@@ -263,7 +270,7 @@ def test_routed_out_roles_leave_the_batch_and_the_kept_role_continues_alone(mode
         ids = [t["id"] for t in r.trace]
         head = experts[kept].prompt_ids(p, chat=True) + ids[:preview]
         assert ids[preview:] == _greedy_ids(model, head, len(ids) - preview, eos)
-    decoded = [u["decode_tokens"] for u in res[0].usage["experts"]]
+    decoded = [u["decode_tokens"] for u in res.usage["experts"]]
     for i, n in enumerate(decoded):
         if i not in kept_roles:  # fed only the preview steps before routing
             assert n <= (preview - 1) * len(PROMPTS)
@@ -278,7 +285,9 @@ def test_finished_prompts_leave_the_batch(model, tok):
     res = moe.generate(PROMPTS, max_new_tokens=12, stop=stop)
     lengths = [len(r.trace) for r in res]
     assert min(lengths) < max(lengths)
-    for u in res[0].usage["experts"]:
+    for u in res.usage["experts"]:
         assert u["decode_tokens"] == sum(n - 1 for n in lengths)
+    for r, n in zip(res, lengths):  # and per prompt: its own steps
+        assert [u["decode_tokens"] for u in r.usage["experts"]] == [n - 1] * len(moe.experts)
     single = [moe.generate([p], max_new_tokens=12, stop=stop)[0].text for p in PROMPTS]
     assert [r.text for r in res] == single

@@ -52,7 +52,7 @@ def test_router_top1_with_kivi_cache_drops_two_roles(smol):
                                             kv_group_size=32))
     prompts = ["What is 12 * 7?", "Name a prime number larger than 10."]
     res = moe.generate(prompts, max_new_tokens=40, seed=0)
-    usage = res[0].usage
+    usage = res.usage
     assert usage["shared_prefill_tokens"] > 0 and usage["kv"] == "kivi"
     kept = {i for r in res for i, x in enumerate(r.route) if x["kept"]}
     assert all(sum(x["kept"] for x in r.route) == 1 for r in res)

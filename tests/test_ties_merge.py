@@ -379,7 +379,11 @@ def _x(device="cpu"):
     (dict(theta=True), "theta must be a finite number"),
     (dict(elect="foo"), "elect must be 'vote' or 'mass'"),
     (dict(weights=torch.ones(4)), r"weights must have shape \[E=3\]"),
-    (dict(weights=torch.ones(3, 1)), "weights must have 1 dims"),
+    # [E] or [E, B] (per row): any other shape is refused.
+    (dict(weights=torch.ones(3, 1)), r"weights must have shape \[E=3\] or logits.shape\[:-1\] = \[3, 2\] "
+                                     r"\(per row\), got \(3, 1\)"),
+    (dict(weights=torch.ones(3, 2, 1)), r"weights must have shape \[E=3\] or .*, got \(3, 2, 1\)"),
+    (dict(weights=torch.ones(2, 3)), r"weights must have shape \[E=3\] or .*, got \(2, 3\)"),
     (dict(weights=torch.ones(3, dtype=torch.int64)), "weights must be one of float32"),
     (dict(weights=[1.0, 1.0, 1.0]), "weights must be a torch.Tensor"),
     (dict(weights=torch.tensor([1.0, -0.5, 1.0])), "weights must be finite and >= 0"),
@@ -431,7 +435,8 @@ def test_nan_and_pos_inf_logits_are_rejected(device, dtype, bad, where):
 
 
 def test_means_flag_bad_rows_exactly():
-    # The Python check relies on this: a row's mean is non-finite iff it holds NaN or +inf.
+    # The kernels' check relies on this: a row's mean is non-finite iff it holds NaN or +inf. The C++ kernel
+    # then raises, after writing the means.
     mod = ops.native_module("cpu")
     x = grid_logits(2, 5, 40000)  # rows longer than one work chunk of the CPU kernel
     x[0, 1, 39999] = math.inf
@@ -439,7 +444,8 @@ def test_means_flag_bad_rows_exactly():
     x[0, 4, :] = NEG_INF  # -inf alone is fine: mean 0
     x[1, 0, :-1] = NEG_INF
     means, out = torch.empty(2, 5), torch.empty(5, 40000)
-    mod.ties_merge(ops._view(x), None, 0.0, 0, ops._view(means), ops._view(out))
+    with pytest.raises(ValueError, match=r"ties_merge: logits must be finite or -inf, got NaN or \+inf"):
+        mod.ties_merge(ops._view(x), None, 0.0, 0, ops._view(means), ops._view(out))
     bad = ~torch.isfinite(means)
     assert bad.nonzero().tolist() == [[0, 1], [1, 3]]
     assert means[0, 4] == 0 and means[1, 0] == x[1, 0, -1]
@@ -531,3 +537,65 @@ def test_binding_refuses_overlapping_outputs(case, match):
         w = out.view(-1)[:3]
     with pytest.raises(ValueError, match="ties_merge: " + match):
         mod.ties_merge(ops._view(x), ops._view(w), 0.0, 0, ops._view(means), ops._view(out))
+
+
+# ---- per-row weights [E, B] ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("elect", ["vote", "mass"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_weights_match_one_call_per_row(device, dtype, elect, wdtype):
+    # [E, B] weights: row b merges exactly as a call with weights[:, b] alone, bit for bit; strided logits
+    # and weights, rows of all-zero and tiny / huge weights, B odd.
+    E, B, V = 3, 5, 301
+    g = torch.Generator().manual_seed(7)
+    x = layout(grid_logits(E, B, V, dtype=dtype, device=device), False)
+    w = torch.rand(B, E, generator=g).to(device).T  # [E, B], not contiguous
+    w[:, 1] = 0
+    w[:, 2] *= 2.0 ** -120
+    w[0, 3] = 0
+    w = w.to(wdtype)
+    merged = dlmom.ties_merge(x, theta=0.05, elect=elect, weights=w)
+    for b in range(B):
+        one = dlmom.ties_merge(x[:, b:b + 1], theta=0.05, elect=elect, weights=w[:, b].clone())
+        assert torch.equal(merged[b], one[0]), b
+    want = reference.ties_merge(x, theta=0.05, elect=elect, weights=w)
+    assert torch.equal(merged, want)
+
+
+def test_row_weights_over_several_lead_dims():
+    x = torch.randn(3, 2, 4, 33)
+    w = torch.rand(3, 2, 4)
+    merged = dlmom.ties_merge(x, weights=w)
+    assert torch.equal(merged.view(8, 33), dlmom.ties_merge(x.reshape(3, 8, 33), weights=w.reshape(3, 8)))
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_bad_row_weight_names_the_weights(bad):
+    w = torch.ones(3, 2)
+    w[1, 1] = bad
+    with pytest.raises(ValueError, match=r"ties_merge: weights must be finite and >= 0, got \[\[1\.0, 1\.0\], "
+                                         rf"\[1\.0, {bad}\], \[1\.0, 1\.0\]\]"):
+        dlmom.ties_merge(_x(), weights=w)
+
+
+def test_weights_message_prints_values_as_python_does():
+    # The C++ kernel formats the weights as Tensor.tolist() would.
+    w = torch.tensor([0.1, 1e-5, 1e16, 123456.789, -0.0, 3e-45, -2.5])
+    with pytest.raises(ValueError) as info:
+        dlmom.ties_merge(torch.randn(7, 1, 4), weights=w)
+    assert str(info.value) == f"ties_merge: weights must be finite and >= 0, got {w.tolist()}"
+
+
+def test_consensus_merge_is_one_call_for_row_weights(monkeypatch):
+    from dlmom import consensus
+    x = torch.randn(3, 4, 50)
+    w = torch.rand(3, 4)
+    calls = []
+    real = consensus.ties_merge
+    monkeypatch.setattr(consensus, "ties_merge", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    merged = consensus.merge(x, theta=0.0, elect="vote", weights=w)
+    assert len(calls) == 1
+    for b in range(4):
+        assert torch.equal(merged[b], dlmom.ties_merge(x[:, b:b + 1], weights=w[:, b])[0])

@@ -124,16 +124,21 @@ Item item_at(const Split& s, int64_t it, int64_t L, int64_t C) {
 
 #define DLMOM_INLINE inline __attribute__((always_inline))  // into each target clone, with its ISA
 
-// Min / max along the rows of v [rows, nc] (row stride ld) for each of the nc columns.
+// Min / max along the rows of v [rows, nc] (row stride ld) for each of the nc columns. chk[c] becomes NaN when
+// the column holds NaN or inf (e - e is 0 for every finite e): the finiteness check rides on this pass.
 template <typename TV>
-DLMOM_INLINE void cols_minmax(const TV* v, int64_t ld, int64_t rows, int64_t nc, float* mn, float* mx) {
-  for (int64_t c = 0; c < nc; ++c) mn[c] = mx[c] = load(v[c]);
+DLMOM_INLINE void cols_minmax(const TV* v, int64_t ld, int64_t rows, int64_t nc, float* mn, float* mx, float* chk) {
+  for (int64_t c = 0; c < nc; ++c) {
+    mn[c] = mx[c] = load(v[c]);
+    chk[c] = mn[c] - mn[c];
+  }
   for (int64_t l = 1; l < rows; ++l) {
     const TV* vr = v + l * ld;
     for (int64_t c = 0; c < nc; ++c) {
       const float e = load(vr[c]);
       mn[c] = kvq::min2(mn[c], e);
       mx[c] = kvq::max2(mx[c], e);
+      chk[c] += e - e;
     }
   }
 }
@@ -162,10 +167,11 @@ DLMOM_INLINE void cols_codes(const TV* v, int64_t ld, int64_t l0, int64_t rows, 
 // passes read.
 template <typename TX, typename TS>
 __attribute__((target_clones("avx2", "default")))
-void quant_cols(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t L, int64_t C, int64_t G, int64_t l0,
-                int64_t l1, int64_t c0, int64_t nc) {
+int quant_cols(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t L, int64_t C, int64_t G, int64_t l0,
+               int64_t l1, int64_t c0, int64_t nc) {
   constexpr int64_t kTileRows = 64;
-  float mn[kColBlock], mx[kColBlock], s[kColBlock], z[kColBlock];
+  float mn[kColBlock], mx[kColBlock], s[kColBlock], z[kColBlock], chk[kColBlock];
+  int bad = 0;
   uint8_t acc[kColBlock];
   float tile[std::is_same_v<TX, float> ? 1 : kTileRows * kColBlock];  // [rows, nc]
   for (int64_t g0 = l0; g0 < l1; g0 += G) {
@@ -175,10 +181,11 @@ void quant_cols(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t L, int
     if (tiled) {
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t c = 0; c < nc; ++c) tile[i * nc + c] = load(xg[i * C + c]);
-      cols_minmax(tile, nc, rows, nc, mn, mx);
+      cols_minmax(tile, nc, rows, nc, mn, mx, chk);
     } else {
-      cols_minmax(xg, C, rows, nc, mn, mx);
+      cols_minmax(xg, C, rows, nc, mn, mx, chk);
     }
+    for (int64_t c = 0; c < nc; ++c) bad |= chk[c] != 0.f;
     TS* sr = scale + g * C + c0;  // [nc]
     TS* zr = zero + g * C + c0;
     for (int64_t c = 0; c < nc; ++c) {
@@ -194,25 +201,29 @@ void quant_cols(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t L, int
     else
       cols_codes(xg, C, g0, rows, nc, L, s, z, acc, codes + c0, C);
   }
+  return bad;
 }
 
 // One row segment [l0, l1) of x [L] (C == 1): per group a min / max reduction along L, the codes into buf (one
 // per element), then four per byte.
 template <typename TX, typename TS>
 __attribute__((target_clones("avx2", "default")))
-void quant_row(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t G, int64_t l0, int64_t l1,
-               uint8_t* buf) {
+int quant_row(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t G, int64_t l0, int64_t l1,
+              uint8_t* buf) {
+  int bad = 0;
   for (int64_t g0 = l0; g0 < l1; g0 += G) {
     const int64_t g1 = std::min(l1, g0 + G);
-    float mn = load(x[g0]), mx = mn;
+    float mn = load(x[g0]), mx = mn, chk = 0.f;  // chk: NaN when the group holds NaN or inf (cols_minmax)
     // omp simd: a min / max reduction vectorises only when its lanes may be combined in any order, which is
     // exact here (the group is finite; the order can only pick the sign of a zero).
-#pragma omp simd reduction(min : mn) reduction(max : mx)
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : chk)
     for (int64_t l = g0; l < g1; ++l) {  // from g0 again: whole vectors when G is a multiple of 8
       const float v = load(x[l]);
       mn = kvq::min2(mn, v);
       mx = kvq::max2(mx, v);
+      chk += v - v;
     }
+    bad |= chk != 0.f;
     TS sc, ze;
     kvq::scale_zero(mn, mx, sc, ze);
     scale[g0 / G] = sc;
@@ -225,10 +236,11 @@ void quant_row(const TX* x, uint8_t* codes, TS* scale, TS* zero, int64_t G, int6
   for (int64_t i = n; i < nb * 4; ++i) buf[i] = 0;  // codes past L are 0
   uint8_t* out = codes + l0 / 4;
   for (int64_t i = 0; i < nb; ++i) out[i] = kvq::pack4(buf[4 * i], buf[4 * i + 1], buf[4 * i + 2], buf[4 * i + 3]);
+  return bad;
 }
 
 template <typename TX, typename TS>
-void quant(const View& x, int64_t G, const View& codes, const View& scale, const View& zero) {
+bool quant(const View& x, int64_t G, const View& codes, const View& scale, const View& zero) {
   const auto [R, L] = merged_rows(x, codes, scale, zero, G);
   const int64_t C = x.size[2];
   const Split sp = split(R, L, C, G);
@@ -236,7 +248,8 @@ void quant(const View& x, int64_t G, const View& codes, const View& scale, const
   uint8_t* cp = static_cast<uint8_t*>(codes.data);
   TS* sp_ = static_cast<TS*>(scale.data);
   TS* zp = static_cast<TS*>(zero.data);
-#pragma omp parallel if (R * L * C >= kParallelElems && sp.items > 1)
+  int bad = 0;  // some group holds NaN or inf
+#pragma omp parallel if (R * L * C >= kParallelElems && sp.items > 1) reduction(| : bad)
   {
     std::vector<uint8_t> buf(C == 1 ? size_t(sp.seg + 4) : 0);  // per thread, for quant_row
 #pragma omp for schedule(dynamic)  // a thread the OS stalls does not hold up a fixed share
@@ -247,11 +260,12 @@ void quant(const View& x, int64_t G, const View& codes, const View& scale, const
       TS* sr = sp_ + m.r * scale.stride[0];
       TS* zr = zp + m.r * zero.stride[0];
       if (C == 1)
-        quant_row<TX, TS>(xr, cr, sr, zr, G, m.l0, m.l1, buf.data());
+        bad |= quant_row<TX, TS>(xr, cr, sr, zr, G, m.l0, m.l1, buf.data());
       else
-        quant_cols<TX, TS>(xr, cr, sr, zr, L, C, G, m.l0, m.l1, m.c0, m.nc);
+        bad |= quant_cols<TX, TS>(xr, cr, sr, zr, L, C, G, m.l0, m.l1, m.c0, m.nc);
     }
   }
+  return bad != 0;
 }
 
 // ---- dequant ----
@@ -354,11 +368,14 @@ void dequant(const View& codes, const View& scale, const View& zero, int64_t G, 
 void kv_quant2_cpu(const View& x, int64_t group_size, const View& codes, const View& scale, const View& zero) {
   constexpr const char* op = "kv_quant2";
   kvq::check_quant_args(x, group_size, codes, scale, zero, op);
+  bool bad = false;
   if (scale.dtype == DType::f32) {
-    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, quant<TX, float>(x, group_size, codes, scale, zero));
+    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, bad = quant<TX, float>(x, group_size, codes, scale, zero));
   } else {  // scale and zero in x's dtype, rounded outward
-    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, quant<TX, TX>(x, group_size, codes, scale, zero));
+    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, bad = quant<TX, TX>(x, group_size, codes, scale, zero));
   }
+  // Found in the kernel's own min / max pass (the outputs are then meaningless).
+  DLMOM_CHECK(!bad, op, "x must be finite, got NaN or inf");
 }
 
 void kv_dequant2_cpu(const View& codes, const View& scale, const View& zero, int64_t group_size, const View& out) {

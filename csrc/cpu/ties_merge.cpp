@@ -13,6 +13,9 @@
 #endif
 
 #include <algorithm>
+#include <charconv>
+#include <cstdio>
+#include <string>
 #include <vector>
 
 #include "../ops.h"
@@ -106,8 +109,10 @@ MergeFn<T> pick_merge(int64_t E) {
   }
 }
 
+// w [B, E]: the scaled weights of each row. Returns whether some row holds NaN, +inf or |x| > 2^96 (its mean is
+// NaN; the merge is then skipped and the caller raises).
 template <typename T>
-void run(const ties::Dims& d, const View& logits, const float* w, float theta, bool mass, const View& means,
+bool run(const ties::Dims& d, const View& logits, const float* w, float theta, bool mass, const View& means,
          const View& out) {
   const int64_t E = d.E, B = d.B, V = d.V;
   const T* x = static_cast<const T*>(logits.data);  // [E, B, V], rows strided
@@ -119,6 +124,7 @@ void run(const ties::Dims& d, const View& logits, const float* w, float theta, b
   std::vector<Partial> part(items1);  // [E, B, n1]
   std::vector<float> mean(B * E);     // [B, E]: pass 2 reads the E means of one b together
   const MergeFn<T> merge = mass ? pick_merge<T, true>(E) : pick_merge<T, false>(E);
+  bool any_bad = false;  // written in the single region, read after its barrier
 
   // Dynamic schedules: the items are large (a 4-16K token chunk each), and on a shared machine a thread
   // that is descheduled leaves its items to the others instead of stalling the team at the barrier.
@@ -146,16 +152,79 @@ void run(const ties::Dims& d, const View& logits, const float* w, float theta, b
       const float m = ties::row_mean(sum, count, bad);
       mo[e * means.stride[0] + b * means.stride[1]] = m;
       mean[b * E + e] = m;
+      any_bad = any_bad || bad;
     }
     std::vector<const T*> rows(E);
 #pragma omp for schedule(dynamic)
-    for (int64_t i = 0; i < items2; ++i) {
+    for (int64_t i = 0; i < (any_bad ? 0 : items2); ++i) {
       const int64_t b = i / n2, j0 = (i % n2) * kMergeChunk;
       for (int64_t e = 0; e < E; ++e) rows[e] = x + e * sE + b * sB + j0;
-      merge(rows.data(), int(E), mean.data() + b * E, w, theta, o + b * out.stride[0] + j0,
+      merge(rows.data(), int(E), mean.data() + b * E, w + b * E, theta, o + b * out.stride[0] + j0,
             std::min(kMergeChunk, V - j0));
     }
   }
+  return any_bad;
+}
+
+// The error for logits with NaN, +inf or a finite |x| > 2^96 (the error path: a pass of its own is fine).
+template <typename T>
+[[noreturn]] void raise_bad_logits(const ties::Dims& d, const View& logits) {
+  const T* x = static_cast<const T*>(logits.data);
+  float big = 0.f;
+  for (int64_t e = 0; e < d.E; ++e)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t j = 0; j < d.V; ++j) {
+        const float v = load(x[e * logits.stride[0] + b * logits.stride[1] + j]);
+        DLMOM_CHECK(!std::isnan(v) && v != ties::kInf, "ties_merge", "logits must be finite or -inf, got NaN or +inf");
+        if (v != -ties::kInf) big = std::max(big, std::fabs(v));
+      }
+  char text[32];
+  std::snprintf(text, sizeof text, "%.4g", double(big));  // as Python's f"{big:.4g}"
+  fail("ties_merge", "logits must be -inf or finite with |x| <= 2^96 (about 7.9e28), got ", text);
+}
+
+// v as Python's repr(float) writes it: the shortest digits that round-trip, fixed notation for exponents in
+// [-4, 16), else d.ddde+XX.
+std::string py_float(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  const std::string sci(buf, res.ptr);  // e.g. "-1.25e+02", "1e-05"
+  const size_t epos = sci.find('e');
+  const int exponent = std::stoi(sci.substr(epos + 1));
+  const bool neg = sci[0] == '-';
+  std::string digits;
+  for (size_t i = neg ? 1 : 0; i < epos; ++i)
+    if (sci[i] != '.') digits += sci[i];
+  std::string text = neg ? "-" : "";
+  if (exponent >= 16 || exponent < -4) {
+    text += digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+    char e[8];
+    std::snprintf(e, sizeof e, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
+    return text + e;
+  }
+  if (exponent < 0) return text + "0." + std::string(size_t(-exponent - 1), '0') + digits;
+  if (digits.size() <= size_t(exponent) + 1) digits += std::string(size_t(exponent) + 1 - digits.size(), '0');
+  const std::string frac = digits.substr(size_t(exponent) + 1);
+  return text + digits.substr(0, size_t(exponent) + 1) + "." + (frac.empty() ? "0" : frac);
+}
+
+// The weights as Python's Tensor.tolist() prints them ([E] or nested [E, B]).
+std::string weights_text(const View& w) {
+  const float* p = static_cast<const float*>(w.data);
+  std::string text = "[";
+  for (int64_t e = 0; e < w.size[0]; ++e) {
+    if (e) text += ", ";
+    if (w.ndim == 1) {
+      text += py_float(p[e * w.stride[0]]);
+      continue;
+    }
+    text += "[";
+    for (int64_t b = 0; b < w.size[1]; ++b) text += (b ? ", " : "") + py_float(p[e * w.stride[0] + b * w.stride[1]]);
+    text += "]";
+  }
+  return text + "]";
 }
 
 }  // namespace
@@ -163,19 +232,22 @@ void run(const ties::Dims& d, const View& logits, const float* w, float theta, b
 void ties_merge_cpu(const View& logits, const View& weights, float theta, int elect, const View& means,
                     const View& out) {
   const ties::Dims d = ties::check_args(logits, weights, theta, elect, means, out);
-  // Checked again here (Python already did) because a NaN weight would silently poison the merge.
-  std::vector<float> w(d.E, 1.f);
-  if (d.has_weights) {
-    const float* wp = static_cast<const float*>(weights.data);
-    for (int64_t e = 0; e < d.E; ++e) {
-      w[e] = wp[e * weights.stride[0]];
-      DLMOM_CHECK(std::isfinite(w[e]) && w[e] >= 0.f, "ties_merge", "weights must be finite and >= 0, got ",
-                  w[e], " at ", e);
+  // A NaN weight would silently poison the merge: every weight is checked, even with B == 0.
+  const float* wp = d.has_weights ? static_cast<const float*>(weights.data) : nullptr;
+  const int64_t wB = d.has_weights && weights.ndim == 2 ? d.B : 1;
+  for (int64_t e = 0; e < (d.has_weights ? d.E : 0); ++e)
+    for (int64_t b = 0; b < wB; ++b) {
+      const float v = wp[e * d.wsE + b * d.wsB];
+      DLMOM_CHECK(v >= 0.f && v < ties::kInf, "ties_merge", "weights must be finite and >= 0, got ",
+                  weights_text(weights));
     }
-  }
+  std::vector<float> w(size_t(d.B * d.E));  // [B, E]: the scaled weights of every row
+  for (int64_t b = 0; b < d.B; ++b) ties::row_weights<0>(wp ? wp + b * d.wsB : nullptr, d.wsE, int(d.E), &w[b * d.E]);
   if (d.B == 0) return;
+  bool bad = false;
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, "ties_merge",
-                       run<T>(d, logits, w.data(), theta, elect == 1, means, out));
+                       bad = run<T>(d, logits, w.data(), theta, elect == 1, means, out));
+  if (bad) DLMOM_DISPATCH_FLOAT(logits.dtype, T, "ties_merge", raise_bad_logits<T>(d, logits));
 }
 
 }  // namespace dlmom

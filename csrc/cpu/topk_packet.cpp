@@ -250,6 +250,11 @@ void topk_packet_cpu(const View& logits, int64_t k, float temperature, float top
   topk::check_args(logits, k, temperature, top_p, ids, probs, entropy);
   if (logits.size[0] == 0) return;
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, kOp, run<T>(logits, k, temperature, top_p, ids, probs, entropy));
+  // The single pass flags a row with NaN, +inf or no finite logit by a NaN entropy.
+  const float* ent = static_cast<const float*>(entropy.data);
+  for (int64_t b = 0; b < logits.size[0]; ++b)
+    DLMOM_CHECK(!std::isnan(ent[b * entropy.stride[0]]), kOp, "logits must be finite or -inf with at least one "
+                "finite value per row; row ", b, " holds NaN, +inf or only -inf");
 }
 
 }  // namespace dlmom

@@ -16,6 +16,22 @@ inline void check_launch(const char* op) {
 
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
+// Value errors found on the device (an id out of range, NaN logits, ...) are not raised by the launch: the kernel
+// records the first one in the caller's status buffer, int64 [4] on the tensors' device = (code, a, b, c), and
+// dlmom.ops.raise_pending_errors reads it once per step (no host sync per op). Codes: python/dlmom/op_library.py.
+enum ErrorCode : long long { kIdRange = 1, kTopkRow = 2, kTiesLogits = 3, kTiesWeights = 4, kKvNonFinite = 5 };
+
+__device__ __forceinline__ void flag_error(int64_t* status, long long code, long long a, long long b = 0,
+                                           long long c = 0) {
+  if (status == nullptr) return;
+  auto* word = reinterpret_cast<unsigned long long*>(status);
+  if (atomicCAS(word, 0ull, static_cast<unsigned long long>(code)) == 0ull) {  // the first error wins
+    status[1] = a;
+    status[2] = b;
+    status[3] = c;
+  }
+}
+
 // Eight f16 / bf16 values from one 16-byte load: two per 32-bit word, the lower address in the low half.
 template <typename H>
 __device__ __forceinline__ void unpack_halves(const uint4& u, float (&d)[8]) {

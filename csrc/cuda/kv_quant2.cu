@@ -38,18 +38,20 @@ Dims dims_of(const View& full, int64_t G) {
 template <typename TX, typename TS>
 __global__ void quant_groups_kernel(const TX* __restrict__ x, int64_t xs, uint8_t* __restrict__ codes, int64_t cs,
                                     TS* __restrict__ scale, int64_t ss, TS* __restrict__ zero, int64_t zs, Dims d,
-                                    bool write_codes) {
+                                    bool write_codes, int64_t* status) {
   const int64_t total = d.R * d.ng * d.C;
   for (int64_t i = first_index(); i < total; i += grid_stride()) {
     const int64_t c = i % d.C, t = i / d.C, g = t % d.ng, r = t / d.ng;
     const int64_t l0 = g * d.G, l1 = l0 + d.G < d.L ? l0 + d.G : d.L;
     const TX* xc = x + r * xs + c;  // element l at xc[l * C]
-    float mn = to_float(xc[l0 * d.C]), mx = mn;
+    float mn = to_float(xc[l0 * d.C]), mx = mn, chk = mn - mn;  // chk: NaN when the group holds NaN or inf
     for (int64_t l = l0 + 1; l < l1; ++l) {
       const float v = to_float(xc[l * d.C]);
       mn = kvq::min2(mn, v);
       mx = kvq::max2(mx, v);
+      chk += v - v;
     }
+    if (chk != 0.f) flag_error(status, kKvNonFinite, r, g, c);
     TS sc, ze;
     kvq::scale_zero(mn, mx, sc, ze);
     scale[r * ss + g * d.C + c] = sc;
@@ -111,7 +113,7 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ codes, int64_t cs, co
 
 template <typename TX, typename TS>
 void launch_quant(const View& x, const View& codes, const View& scale, const View& zero, const Dims& d,
-                  cudaStream_t stream) {
+                  int64_t* status, cudaStream_t stream) {
   const TX* xp = static_cast<const TX*>(x.data);
   uint8_t* cp = static_cast<uint8_t*>(codes.data);
   TS* sp = static_cast<TS*>(scale.data);
@@ -119,7 +121,7 @@ void launch_quant(const View& x, const View& codes, const View& scale, const Vie
   const bool fused = d.G % kvq::kCodesPerByte == 0;
   const int64_t groups = d.R * d.ng * d.C;
   quant_groups_kernel<TX, TS><<<blocks_for(groups), kThreads, 0, stream>>>(
-      xp, x.stride[0], cp, codes.stride[0], sp, scale.stride[0], zp, zero.stride[0], d, fused);
+      xp, x.stride[0], cp, codes.stride[0], sp, scale.stride[0], zp, zero.stride[0], d, fused, status);
   check_launch("kv_quant2");
   if (fused) return;
   const int64_t bytes = d.R * d.nb * d.C;
@@ -131,21 +133,21 @@ void launch_quant(const View& x, const View& codes, const View& scale, const Vie
 }  // namespace
 
 void kv_quant2_cuda(const View& x, int64_t group_size, const View& codes, const View& scale, const View& zero,
-                    void* stream) {
+                    int64_t* status, void* stream) {
   constexpr const char* op = "kv_quant2";
   kvq::check_quant_args(x, group_size, codes, scale, zero, op);
   const Dims d = dims_of(x, group_size);
   if (d.R == 0 || d.L == 0 || d.C == 0) return;
   const cudaStream_t st = as_stream(stream);
   if (scale.dtype == DType::f32) {
-    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, launch_quant<TX, float>(x, codes, scale, zero, d, st));
+    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, launch_quant<TX, float>(x, codes, scale, zero, d, status, st));
   } else {  // scale and zero in x's dtype, rounded outward
-    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, launch_quant<TX, TX>(x, codes, scale, zero, d, st));
+    DLMOM_DISPATCH_FLOAT(x.dtype, TX, op, launch_quant<TX, TX>(x, codes, scale, zero, d, status, st));
   }
 }
 
 void kv_dequant2_cuda(const View& codes, const View& scale, const View& zero, int64_t group_size, const View& out,
-                      void* stream) {
+                      int64_t* status, void* stream) {
   constexpr const char* op = "kv_dequant2";
   kvq::check_dequant_args(codes, scale, zero, group_size, out, op);
   const Dims d = dims_of(out, group_size);

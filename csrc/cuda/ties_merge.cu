@@ -81,16 +81,21 @@ __device__ __forceinline__ void block_reduce(float& sum, long long& count, int& 
 // One block per row (e, b) of x [E, B, V]: means[e, b].
 template <typename T>
 __global__ void row_means_kernel(const T* __restrict__ x, int64_t sE, int64_t sB, int64_t B, int64_t V,
-                                 float* __restrict__ means, int64_t msE, int64_t msB) {
+                                 float* __restrict__ means, int64_t msE, int64_t msB, int64_t* status) {
   constexpr int kVec = kVecOf<T>;
   const int64_t e = blockIdx.x / B, b = blockIdx.x % B;
   const T* p = x + e * sE + b * sB;  // [V]
   float sum = 0.f;
   int count = 0, bad = 0;
+  // bad: 1 for |x| > 2^96 (row_add), | 2 for NaN or +inf, which the error message names apart.
+  auto add = [&](float v) {
+    ties::row_add(v, sum, count, bad);
+    bad |= (v != v || v == ties::kInf) ? 2 : 0;
+  };
   // Scalar head up to the first 16-byte boundary, 16-byte body, scalar tail.
   const int64_t head = min(V, int64_t(((16u - (reinterpret_cast<uintptr_t>(p) & 15u)) & 15u) / sizeof(T)));
   const int64_t nvec = (V - head) / kVec;
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) ties::row_add(to_float(p[j]), sum, count, bad);
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) add(to_float(p[j]));
   const T* body = p + head;
   // Unrolled so that several independent loads are in flight per thread.
 #pragma unroll 4
@@ -98,13 +103,15 @@ __global__ void row_means_kernel(const T* __restrict__ x, int64_t sE, int64_t sB
     float f[kVec];
     load_vec(body + i * kVec, f);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) ties::row_add(f[k], sum, count, bad);
+    for (int k = 0; k < kVec; ++k) add(f[k]);
   }
-  for (int64_t j = head + nvec * kVec + threadIdx.x; j < V; j += blockDim.x)
-    ties::row_add(to_float(p[j]), sum, count, bad);
+  for (int64_t j = head + nvec * kVec + threadIdx.x; j < V; j += blockDim.x) add(to_float(p[j]));
   long long total = count;
   block_reduce(sum, total, bad);
-  if (threadIdx.x == 0) means[e * msE + b * msB] = ties::row_mean(sum, total, bad != 0);
+  if (threadIdx.x == 0) {
+    means[e * msE + b * msB] = ties::row_mean(sum, total, bad != 0);
+    if (bad) flag_error(status, kTiesLogits, e, b, (bad & 2) ? 1 : 0);  // NaN, +inf or |x| > 2^96 in the row
+  }
 }
 
 // ---- pass 2: the merge ----
@@ -113,12 +120,22 @@ struct MergeArgs {
   int64_t sE, sB, B, V;
   const float* means;  // [E, B]
   int64_t msE, msB;
-  const float* w;  // [E] or nullptr (all ones)
+  const float* w;  // [E, B] (strides wsE, wsB; wsB = 0 for weights [E]) or nullptr (all ones)
+  int64_t wsE, wsB;
   float theta;
   bool mass;
   float* out;  // [B, V]
   int64_t osB;
+  int64_t* status;
 };
+
+// The scaled weights of row b (ties::row_weights); a bad weight is reported once per row.
+template <int kE>
+__device__ __forceinline__ void weights_of_row(const MergeArgs& a, int E, int64_t b, float* wt) {
+  const int bad = ties::row_weights<kE>(a.w ? a.w + b * a.wsB : nullptr, a.wsE, E, wt);
+  if (bad >= 0 && blockIdx.x == 0 && threadIdx.x == 0)
+    flag_error(a.status, kTiesWeights, bad, b, (long long)__float_as_uint(a.w[bad * a.wsE + b * a.wsB]));
+}
 
 // Thread groups of kVec tokens start at 16-byte boundaries of expert 0's row b, so its loads, and those
 // of every expert whose row shares that alignment (all of them when the row strides are multiples of
@@ -134,8 +151,8 @@ __global__ void merge_kernel(const T* __restrict__ x, MergeArgs a) {
     for (int e = 0; e < kE; ++e) {
       rows[e] = x + e * a.sE + b * a.sB;
       m[e] = a.means[e * a.msE + b * a.msB];
-      wt[e] = a.w ? a.w[e] : 1.f;
     }
+    weights_of_row<kE>(a, kE, b, wt);
     float* o = a.out + b * a.osB;
     const int64_t h = int64_t((reinterpret_cast<uintptr_t>(rows[0]) & 15u) / sizeof(T));
     const int64_t groups = (a.V + h + kVec - 1) / kVec;
@@ -183,10 +200,8 @@ __global__ void merge_kernel_any_e(const T* __restrict__ x, int E, MergeArgs a) 
   float* s_w = s_mw + E;
   for (int64_t b = blockIdx.y; b < a.B; b += gridDim.y) {
     __syncthreads();  // the previous b's values are no longer read
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-      s_mean[e] = a.means[e * a.msE + b * a.msB];
-      s_w[e] = a.w ? a.w[e] : 1.f;
-    }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) s_mean[e] = a.means[e * a.msE + b * a.msB];
+    if (threadIdx.x == 0) weights_of_row<0>(a, E, b, s_w);  // a max over E: one thread
     __syncthreads();
     const T* row = x + b * a.sB;
     float* o = a.out + b * a.osB;
@@ -206,19 +221,19 @@ int sm_count() {
 
 template <typename T>
 void launch(const ties::Dims& d, const View& logits, const View& weights, float theta, bool mass,
-            const View& means, const View& out, cudaStream_t stream) {
+            const View& means, const View& out, int64_t* status, cudaStream_t stream) {
   const T* x = static_cast<const T*>(logits.data);
   float* mo = static_cast<float*>(means.data);
   const int64_t rows = d.E * d.B;
   // Few rows (small B) get big blocks: each block then has more loads in flight on its SM.
   const int mean_threads = rows < 2 * sm_count() ? 1024 : 256;
   row_means_kernel<T><<<unsigned(rows), mean_threads, 0, stream>>>(
-      x, logits.stride[0], logits.stride[1], d.B, d.V, mo, means.stride[0], means.stride[1]);
+      x, logits.stride[0], logits.stride[1], d.B, d.V, mo, means.stride[0], means.stride[1], status);
   check_launch("ties_merge");
 
   const MergeArgs a{logits.stride[0], logits.stride[1], d.B, d.V, mo, means.stride[0], means.stride[1],
-                    d.has_weights ? static_cast<const float*>(weights.data) : nullptr, theta, mass,
-                    static_cast<float*>(out.data), out.stride[0]};
+                    d.has_weights ? static_cast<const float*>(weights.data) : nullptr, d.wsE, d.wsB, theta,
+                    mass, static_cast<float*>(out.data), out.stride[0], status};
   const unsigned grid_y = unsigned(std::min(d.B, kMaxGridY));
   if (d.E <= kMaxUnrolledE) {
     const int64_t groups = d.V / kVecOf<T> + 2;  // + the partial groups at both ends
@@ -240,14 +255,14 @@ void launch(const ties::Dims& d, const View& logits, const View& weights, float 
 }  // namespace
 
 void ties_merge_cuda(const View& logits, const View& weights, float theta, int elect, const View& means,
-                     const View& out, void* stream) {
+                     const View& out, int64_t* status, void* stream) {
   const ties::Dims d = ties::check_args(logits, weights, theta, elect, means, out);
   // Shared memory of the generic kernel holds 2 * E floats; far beyond any real expert count.
   DLMOM_CHECK(d.E <= 4096, "ties_merge", "at most 4096 experts on CUDA, got ", d.E);
   DLMOM_CHECK(d.E * d.B <= INT32_MAX, "ties_merge", "E * B must fit a grid (< 2^31 rows), got ", d.E * d.B);
   if (d.B == 0) return;
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, "ties_merge",
-                       launch<T>(d, logits, weights, theta, elect == 1, means, out, as_stream(stream)));
+                       launch<T>(d, logits, weights, theta, elect == 1, means, out, status, as_stream(stream)));
 }
 
 }  // namespace dlmom

@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kFinishThreads)
     topk_finish(const OnlineSoftmax* __restrict__ states, const uint64_t* __restrict__ cands, int nsplit,
                 int kk, int k, int V, float temperature, float top_p, bool merged, int64_t* __restrict__ ids,
                 int64_t ids_stride, float* __restrict__ probs, int64_t probs_stride,
-                float* __restrict__ entropy, int64_t entropy_stride) {
+                float* __restrict__ entropy, int64_t entropy_stride, int64_t* status) {
   using StateReduce = cub::BlockReduce<OnlineSoftmax, kFinishThreads>;
   using SumReduce = cub::BlockReduce<float, kFinishThreads>;
   using Scan = cub::BlockScan<float, kFinishThreads>;
@@ -233,7 +233,11 @@ __global__ void __launch_bounds__(kFinishThreads)
   OnlineSoftmax st = topk::online_empty();
   for (int i = tid; i < nsplit; i += kFinishThreads) st = topk::online_merge(st, states[row * nsplit + i]);
   st = StateReduce(tmp.state).Reduce(st, MergeStates());
-  if (tid == 0) entropy[row * entropy_stride] = topk::entropy_normalised(st, V);
+  if (tid == 0) {
+    const float h = topk::entropy_normalised(st, V);
+    entropy[row * entropy_stride] = h;
+    if (isnan(h)) flag_error(status, kTopkRow, row);  // NaN, +inf or no finite logit in the row
+  }
   __syncthreads();
 
   if (!merged) {  // nsplit * kk <= kMergeCap
@@ -340,7 +344,7 @@ struct Scratch {
 
 template <typename T>
 void launch(const View& logits, int64_t k, float temperature, float top_p, const View& ids, const View& probs,
-            const View& entropy, cudaStream_t stream) {
+            const View& entropy, int64_t* status, cudaStream_t stream) {
   const int64_t B = logits.size[0], V = logits.size[1];
   const int64_t nsplit = (V + kSeg - 1) / kSeg;
   const int64_t kk = std::min<int64_t>(k, kSeg);  // candidates kept per segment
@@ -367,18 +371,18 @@ void launch(const View& logits, int64_t k, float temperature, float top_p, const
   }
   topk_finish<<<unsigned(B), kFinishThreads, 0, stream>>>(
       states, cands, int(nsplit), int(kk), int(k), int(V), temperature, top_p, merged, ids_p, ids.stride[0],
-      probs_p, probs.stride[0], static_cast<float*>(entropy.data), entropy.stride[0]);
+      probs_p, probs.stride[0], static_cast<float*>(entropy.data), entropy.stride[0], status);
   check_launch(kOp);
 }
 
 }  // namespace
 
 void topk_packet_cuda(const View& logits, int64_t k, float temperature, float top_p, const View& ids,
-                      const View& probs, const View& entropy, void* stream) {
+                      const View& probs, const View& entropy, int64_t* status, void* stream) {
   topk::check_args(logits, k, temperature, top_p, ids, probs, entropy);
   if (logits.size[0] == 0) return;
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, kOp,
-                       launch<T>(logits, k, temperature, top_p, ids, probs, entropy, as_stream(stream)));
+                       launch<T>(logits, k, temperature, top_p, ids, probs, entropy, status, as_stream(stream)));
 }
 
 }  // namespace dlmom

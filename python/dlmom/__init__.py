@@ -15,8 +15,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 OPS = ("soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2")
 
 __all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2", "Packet", "QuantizedKV",
-           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Expert", "KIVICache",
-           "MiniCache"]
+           "reference", "backend_info", "__version__", "DLMoM", "DLMoMConfig", "Result", "Results", "Expert",
+           "KIVICache", "MiniCache"]
 
 
 def backend_info() -> dict:
@@ -50,7 +50,7 @@ def backend_info() -> dict:
 
 def __getattr__(name):
     # The engine pulls in transformers: import it on first use, so the ops stay light to import.
-    if name in ("DLMoM", "DLMoMConfig", "Result"):
+    if name in ("DLMoM", "DLMoMConfig", "Result", "Results"):
         from . import engine
 
         return getattr(engine, name)

@@ -10,8 +10,9 @@
   the full text answers of agents 0..i-1 and writes its own with the same ``max_new_tokens``; the last
   agent's text is the answer. Roles that share a model still run one after another: that is the baseline.
 
-Baselines batch the prompts (left padding, as the engine does). Their usage counts what the forwards
-processed, like the engine's: ``prefill_tokens`` are the non-pad prompt tokens, ``decode_tokens`` one per
+Baselines batch the prompts (left padding, as the engine does) and return a ``Results`` list like the
+engine's: each Result's usage is its prompt's (``dlmom.results.prompt_usage``), the list's ``usage`` the
+batch's totals. Usage counts what the forwards processed, like the engine's: ``prefill_tokens`` are the non-pad prompt tokens, ``decode_tokens`` one per
 row per decode forward (``generate`` keeps feeding rows that already ended until the whole batch ends,
 and so does the engine). ``generated_tokens`` counts only the tokens each row produced up to and
 including its end-of-sequence token. ``expert_forward_s`` is the time inside the models' forwards (a hook
@@ -28,7 +29,7 @@ import torch
 
 from .engine import DLMoM, DLMoMConfig, check_generate_args
 from .experts import Expert, as_experts, fit_budget
-from .results import Result, cut_at_stop
+from .results import Result, Results, batch_usage, cut_at_stop, prompt_usage
 from .soft_thinking import _left_pad
 
 METHODS = ("dlmom", "single", "text-mas")
@@ -71,8 +72,9 @@ def _forward_timer(model: torch.nn.Module, clock: list[float]):
 
 
 def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: DLMoMConfig, clock: list[float],
-            ) -> tuple[list[str], dict]:
-    """One expert's answers to a batch of prompts with transformers' generate; (texts, usage counts)."""
+            ) -> tuple[list[str], list[dict], list[int]]:
+    """One expert's answers to a batch of prompts with transformers' generate: (texts, per prompt its token
+    counts for ``prompt_usage``, per prompt the tokens generated)."""
     tok, model = expert.tokenizer, expert.model
     eos = expert.eos_ids()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos or {0})
@@ -85,16 +87,16 @@ def _answer(expert: Expert, prompts: list[str], *, max_new_tokens: int, config: 
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=sorted(eos) or None, **sampling)
     new = out[:, ids.shape[1]:].tolist()
-    texts, generated = [], 0
+    texts, generated = [], []
     for row in new:
         end = next((i for i, t in enumerate(row) if t in eos), None)
         kept = row if end is None else row[:end]
-        generated += len(kept) + (end is not None)
+        generated.append(len(kept) + (end is not None))
         texts.append(tok.decode(kept, skip_special_tokens=True))
     steps = len(new[0]) if new else 0
-    counts = {"expert": expert.name, "prefill_tokens": int(mask.sum()),
-              "decode_tokens": max(steps - 1, 0) * len(prompts), "generated_tokens": generated}
-    return texts, counts
+    counts = [{"expert": expert.name, "prefill_tokens": n, "decode_tokens": max(steps - 1, 0)}
+              for n in mask.sum(-1).tolist()]
+    return texts, counts, generated
 
 
 def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
@@ -108,47 +110,53 @@ def _pipeline_prompt(prompt: str, earlier: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
-def _usage(method: str, start: float, clock: list[float], experts: list[dict], bus_bytes: int) -> dict:
-    return {"method": method, "experts": experts, "wall_s": time.perf_counter() - start,
-            "expert_forward_s": clock[0], "latent_steps": 0, "bus_bytes": bus_bytes, "switches": 0,
-            "generated_tokens": sum(e["generated_tokens"] for e in experts)}
+def _results(method: str, texts: list[str], traces: list[list[dict]], counts: list[list[dict]],
+             generated: list[int], bus_bytes: list[int], start: float, clock: list[float]) -> Results:
+    """Results with per-prompt usage (``counts[b]``: prompt b's counts per agent) and the batch's totals."""
+    wall = time.perf_counter() - start
+    per_prompt = [prompt_usage(method, c, wall_s=wall, generated_tokens=g, bus_bytes=n)
+                  for c, g, n in zip(counts, generated, bus_bytes)]
+    usage = batch_usage(method, per_prompt, wall_s=wall, expert_forward_s=clock[0])
+    return Results([Result(t, trace, [], u) for t, trace, u in zip(texts, traces, per_prompt)], usage)
 
 
 def single(experts, prompts: list[str], *, expert: int = 0, max_new_tokens: int = 256,
-           config: DLMoMConfig | None = None, stop: list[str] | None = None) -> list[Result]:
+           config: DLMoMConfig | None = None, stop: list[str] | None = None) -> Results:
     """Expert ``expert`` alone. trace: one record (the agent, its prompt and answer) per prompt."""
     config = config or DLMoMConfig()
     chosen = experts[expert]
     start, clock = time.perf_counter(), [0.0]
-    texts, counts = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
+    texts, counts, generated = _answer(chosen, prompts, max_new_tokens=max_new_tokens, config=config, clock=clock)
     texts = [cut_at_stop(t, stop or [])[0] for t in texts]
-    usage = _usage("single", start, clock, [counts], 0)
-    return [Result(t, [{"agent": chosen.name, "prompt": p, "text": t}], [], usage) for p, t in zip(prompts, texts)]
+    traces = [[{"agent": chosen.name, "prompt": p, "text": t}] for p, t in zip(prompts, texts)]
+    return _results("single", texts, traces, [[c] for c in counts], generated, [0] * len(prompts), start, clock)
 
 
 def text_mas(experts, prompts: list[str], *, max_new_tokens: int = 256, config: DLMoMConfig | None = None,
-             stop: list[str] | None = None) -> list[Result]:
+             stop: list[str] | None = None) -> Results:
     """The sequential text pipeline. trace: one record per agent (its prompt and full answer)."""
     config = config or DLMoMConfig()
     start, clock = time.perf_counter(), [0.0]
+    B = len(prompts)
     earlier: list[list[tuple[str, str]]] = [[] for _ in prompts]
     traces: list[list[dict]] = [[] for _ in prompts]
-    counts, bus_bytes, texts = [], 0, [""] * len(prompts)
+    counts: list[list[dict]] = [[] for _ in prompts]
+    generated, bus_bytes, texts = [0] * B, [0] * B, [""] * B
     for agent in experts:
         asked = [_pipeline_prompt(p, e) for p, e in zip(prompts, earlier)]
-        bus_bytes += sum(len(t.encode()) for e in earlier for _, t in e)
-        texts, c = _answer(agent, asked, max_new_tokens=max_new_tokens, config=config, clock=clock)
-        counts.append(c)
+        texts, c, g = _answer(agent, asked, max_new_tokens=max_new_tokens, config=config, clock=clock)
         for b, text in enumerate(texts):
+            bus_bytes[b] += sum(len(t.encode()) for _, t in earlier[b])
             earlier[b].append((agent.name, text))
             traces[b].append({"agent": agent.name, "prompt": asked[b], "text": text})
+            counts[b].append(c[b])
+            generated[b] += g[b]
     texts = [cut_at_stop(t, stop or [])[0] for t in texts]
-    usage = _usage("text-mas", start, clock, counts, bus_bytes)
-    return [Result(t, trace, [], usage) for t, trace in zip(texts, traces)]
+    return _results("text-mas", texts, traces, counts, generated, bus_bytes, start, clock)
 
 
 def run(method: str, experts, prompts, *, max_new_tokens: int = 256, config: DLMoMConfig | None = None,
-        expert: int = 0, seed: int | None = None, stop=None, progress: bool = False) -> list[Result]:
+        expert: int = 0, seed: int | None = None, stop=None, progress: bool = False) -> Results:
     """Answer ``prompts`` with ``method`` (one of METHODS) on ``experts`` (as DLMoM takes them); one Result
     per prompt. ``config`` is the engine's; baselines read ``chat``, ``do_sample``, ``temperature`` and
     ``top_p`` from it. ``expert``: which expert ``"single"`` runs (an index into ``experts``)."""

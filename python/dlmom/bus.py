@@ -87,7 +87,7 @@ class Bus:
         batch = runners[0].batch
         self.bridges = {i: TextBridge(primary.tokenizer, r.tokenizer, batch) for i, r in enumerate(runners)
                         if bridged[i]}
-        self.total_bytes = 0
+        self.bytes = torch.zeros(batch, dtype=torch.long)  # per prompt: packets and bridge text sent
 
     def _alignment(self, index: int) -> torch.Tensor:
         if index not in self.alignments:
@@ -115,7 +115,11 @@ class Bus:
 
     def count(self, step_bytes: list[int], finished: torch.Tensor) -> None:
         """Add this step's packet bytes (``packet_bytes``) of the prompts still running."""
-        self.total_bytes += sum(n for b, n in enumerate(step_bytes) if not finished[b])
+        self.bytes += torch.tensor(step_bytes, dtype=torch.long).masked_fill(finished, 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.bytes.sum())
 
     def deliver(self, logits: list[torch.Tensor], ids: torch.Tensor, probs: torch.Tensor,
                 last_tokens: list[int | None]) -> list[torch.Tensor]:
@@ -128,7 +132,7 @@ class Bus:
                 new.append(torch.zeros_like(logits[i]))  # every row dropped or finished: no more forwards
             elif i in self.bridges:
                 fed, n = self.bridges[i].push(last_tokens)
-                self.total_bytes += int((torch.tensor(n) * runner.rows_per_prompt()).sum())
+                self.bytes += torch.tensor(n, dtype=torch.long) * runner.rows_per_prompt()
                 out = runner.feed_tokens(fed)
                 new.append(logits[i] if out is None else out)
             else:

@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     with _library_output(quiet):
         results = _generate(args, config, dtype, device, progress=not quiet)
     if args.json:
-        _stdout(json.dumps([r.to_dict() for r in results], indent=1), raw=True)
+        _stdout(json.dumps(results.to_dict(), indent=1), raw=True)
         return 0
     for prompt, r in zip(args.prompts, results):
         if len(args.prompts) > 1:
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
         _stdout(r.text)
         if not args.quiet and args.method != "dlmom":
             agents = ", ".join(e["expert"] for e in r.usage["experts"])
-            _stderr(f"[{args.method}: {r.usage['generated_tokens']} tokens generated (whole batch); agents: {agents}; "
+            _stderr(f"[{args.method}: {r.usage['generated_tokens']} tokens generated; agents: {agents}; "
                     f"{r.usage['wall_s']:.1f} s]")
         elif not args.quiet:
             latent = sum(t["mode"] == "latent" for t in r.trace)
@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (default float32)")
     run.add_argument("--device", default="cpu", help="torch device for all experts (default cpu)")
     run.add_argument("--json", action="store_true",
-                     help="print the results (text, trace, route, usage) as JSON and nothing else (stderr as "
-                          "with --quiet)")
+                     help="print {results: [per prompt: text, trace, route, usage], usage: the batch's totals} as JSON "
+                          "and nothing else (stderr as with --quiet)")
     add_flags(run.add_argument_group("mixture settings (DLMoMConfig's fields, one flag each)"), DLMoMConfig)
     run.add_argument("--quiet", action="store_true",
                      help="no progress bars, summary line, or logging and warnings of the libraries on stderr "

@@ -25,19 +25,11 @@ def merge(logits: torch.Tensor, *, theta: float, elect: str, weights: torch.Tens
     """[E, B, V] logits -> [B, V] merged float32.
 
     One expert passes unchanged (consensus is the identity). ``weights`` is [E] or [E, B] (per-row router
-    weights); rows with the same weights share one ``ties_merge`` call.
+    weights): one ``ties_merge`` call either way.
     """
     if logits.shape[0] == 1:
         return logits[0].float()
-    if weights is None or weights.dim() == 1:
-        return ties_merge(logits, theta=theta, elect=elect, weights=weights)
-    out = torch.empty(logits.shape[1:], dtype=torch.float32, device=logits.device)
-    columns = [tuple(weights[:, b].tolist()) for b in range(weights.shape[1])]
-    for key in dict.fromkeys(columns):
-        rows = torch.tensor([b for b, c in enumerate(columns) if c == key], device=logits.device)
-        out[rows] = ties_merge(logits[:, rows], theta=theta, elect=elect,
-                               weights=torch.tensor(key, dtype=torch.float32, device=logits.device))
-    return out
+    return ties_merge(logits, theta=theta, elect=elect, weights=weights)
 
 
 def agreement(logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

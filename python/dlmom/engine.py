@@ -15,12 +15,12 @@ from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_exper
 from .generation import Generation, GenerationInterrupted
 from .kv import KVSettings, check_kv_residual
 from .packets import PacketSettings
-from .results import Result
+from .results import Result, Results
 from .router import RouterSettings
 from .settings import check_fields
 from .soft_thinking import RunnerSettings
 
-__all__ = ["DLMoM", "DLMoMConfig", "Result", "GenerationInterrupted", "check_generate_args"]
+__all__ = ["DLMoM", "DLMoMConfig", "Result", "Results", "GenerationInterrupted", "check_generate_args"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -134,7 +134,8 @@ class DLMoM:
                           rng=_generator(seed, self.primary.device))
 
     def generate(self, prompts, *, max_new_tokens: int = 256, seed: int | None = None, stop=None,
-                 progress: bool = False) -> list[Result]:
-        """Answer each prompt; returns one Result per prompt (see Result). Ctrl-C raises
+                 progress: bool = False) -> Results:
+        """Answer each prompt; returns one Result per prompt (see Result), in a ``Results`` list whose ``usage`` holds
+        the batch's totals. Ctrl-C raises
         ``GenerationInterrupted`` (a KeyboardInterrupt) that carries the partial answers."""
         return self.start(prompts, max_new_tokens=max_new_tokens, seed=seed, stop=stop).run(progress=progress)

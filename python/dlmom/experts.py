@@ -177,7 +177,8 @@ def fit_budget(max_new_tokens: int, rooms: list[tuple["Expert", int | None]]) ->
 def default_experts(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[Expert]:
     """SmolLM2-135M-Instruct in three roles sharing one set of weights (the GGUF package when installed)."""
     gguf = loading.default_gguf_path()
-    model, tokenizer = loading.load_pretrained(gguf if gguf is not None else loading.DEFAULT_MODEL_HUB_ID, dtype=dtype, device=device)
+    model, tokenizer = loading.load_pretrained(gguf if gguf is not None else loading.DEFAULT_MODEL_HUB_ID, dtype=dtype,
+                                               device=device)
     return [Expert(model, tokenizer, name=f"SmolLM2-135M-Instruct/{role}", system_prompt=prompt)
             for role, prompt in DEFAULT_ROLES.items()]
 

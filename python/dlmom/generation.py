@@ -15,9 +15,9 @@ from . import consensus
 from .bus import Bus
 from .controller import EXPLICIT, LATENT, Controller
 from .experts import fit_budget
-from .ops import topk_packet
+from .ops import raise_pending_errors, topk_packet
 from .packets import DEFAULT_NOISE_STRENGTH, choose_token, shape_feed
-from .results import Result, Transcripts
+from .results import Result, Results, Transcripts, batch_usage, prompt_usage
 from .router import Preview
 from .soft_thinking import SoftThinkingRunner
 
@@ -57,7 +57,7 @@ class Generation:
 
     # ---- the loop ----
 
-    def run(self, *, progress: bool = False) -> list[Result]:
+    def run(self, *, progress: bool = False) -> Results:
         """Decode to the end; one Result per prompt. One generation at a time per DLMoM object: the
         bus's alignment cache and the experts' models are the object's."""
         if not self.moe.busy.acquire(blocking=False):
@@ -68,7 +68,7 @@ class Generation:
         finally:
             self.moe.busy.release()
 
-    def _run(self, progress: bool) -> list[Result]:
+    def _run(self, progress: bool) -> Results:
         from tqdm.auto import tqdm
 
         logits = self.prefill()
@@ -110,6 +110,7 @@ class Generation:
             self.preview.observe(logits, token, done)
         self.record(step, packet, token, latent, consensus.agreement(stacked, packet.ids[:, 0], self.weights),
                     switched, step_bytes, "preview" if in_preview else None)
+        raise_pending_errors(self.primary.device)  # a CUDA kernel's value error, once per step (record synced)
         keep = (~done).expand(len(self.experts), self.batch)  # rows of finished prompts leave the batch
         if in_preview and self.preview.ends_at(step):
             keep = self.route() & keep  # and so do the roles the router dropped
@@ -154,23 +155,26 @@ class Generation:
         self.weights = weights.to(self.primary.device)
         return kept.cpu()
 
-    def results(self) -> list[Result]:
-        usage = self.usage()
-        return [Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], usage)
-                for b in range(self.batch)]
+    def results(self) -> Results:
+        """One Result per prompt with its own usage; the batch's totals on the list."""
+        wall = time.perf_counter() - self.start
+        latent, switches = self.controller.latent_steps.tolist(), self.controller.switches.tolist()
+        bus = self.bus.bytes.tolist()
+        per_prompt = [prompt_usage("dlmom", self.expert_usage(b), wall_s=wall,
+                                   generated_tokens=len(self.transcripts.traces[b]), latent_steps=latent[b],
+                                   switches=switches[b], bus_bytes=bus[b])
+                      for b in range(self.batch)]
+        # One cache holds the rows of every role of a model, padded to one length: split evenly among its roles.
+        cache = {e.name: runner.peak_cache_bytes() // runner.roles for runner in self.runners for e in runner.experts}
+        usage = batch_usage("dlmom", per_prompt, wall_s=wall,
+                            expert_forward_s=sum(runner.forward_s for runner in self.runners), kv=self.config.kv,
+                            cache_bytes=cache, bridge_resyncs=self.bus.resyncs)
+        return Results([Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], per_prompt[b])
+                        for b in range(self.batch)], usage)
 
-    def usage(self) -> dict:
-        experts = []
-        for runner in self.runners:
-            for r, e in enumerate(runner.experts):
-                # One cache holds the rows of every role of a model, padded to one length: split evenly.
-                experts.append({"expert": e.name, "prefill_tokens": runner.prefill_tokens[r],
-                                "shared_prefill_tokens": runner.shared_prefill_tokens[r],
-                                "decode_tokens": runner.decode_tokens[r],
-                                "cache_bytes": runner.peak_cache_bytes() // runner.roles})
-        return {"experts": experts, "kv": self.config.kv,
-                "shared_prefill_tokens": sum(e["shared_prefill_tokens"] for e in experts),
-                "wall_s": time.perf_counter() - self.start,
-                "expert_forward_s": sum(runner.forward_s for runner in self.runners),
-                "latent_steps": int(self.controller.latent_steps.sum()), "bus_bytes": self.bus.total_bytes,
-                "switches": int(self.controller.switches.sum()), "bridge_resyncs": self.bus.resyncs}
+    def expert_usage(self, b: int) -> list[dict]:
+        """Prompt ``b``'s tokens per expert: prefilled, taken from a shared prefill, decoded."""
+        return [{"expert": e.name, "prefill_tokens": int(runner.prefill_tokens[r, b]),
+                 "shared_prefill_tokens": int(runner.shared_prefill_tokens[r, b]),
+                 "decode_tokens": int(runner.decode_tokens[r, b])}
+                for runner in self.runners for r, e in enumerate(runner.experts)]

@@ -263,7 +263,46 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 class _Short(Exception):
-    pass
+    """The header ends before what it describes."""
+
+
+class _Header:
+    """Reads a GGUF header from ``data`` (bytes-like of ``size`` bytes) front to back; _Short past the end."""
+
+    def __init__(self, data, size: int):
+        self.data, self.size, self.pos = data, size, 4  # after the magic bytes
+
+    def take(self, fmt: str):
+        n = struct.calcsize(fmt)
+        self.skip(n)
+        return struct.unpack_from(fmt, self.data, self.pos - n)[0]
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise _Short
+        self.pos += n
+
+    def string(self) -> bytes:
+        n = self.take("<Q")
+        self.skip(n)
+        return self.data[self.pos - n:self.pos]
+
+    def value(self, kind: int):
+        """One metadata value of type ``kind``: its raw bytes (scalars, strings) or None (arrays, skipped)."""
+        if kind in _GGUF_SCALAR_BYTES:
+            self.skip(_GGUF_SCALAR_BYTES[kind])
+            return self.data[self.pos - _GGUF_SCALAR_BYTES[kind]:self.pos]
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind == _GGUF_ARRAY:
+            item, count = self.take("<I"), self.take("<Q")
+            if item in _GGUF_SCALAR_BYTES:
+                self.skip(count * _GGUF_SCALAR_BYTES[item])
+            else:
+                for _ in range(count):
+                    self.value(item)
+            return None
+        raise ValueError(f"metadata value type {kind} is not a GGUF type")
 
 
 def check_gguf(path: str | os.PathLike) -> str | None:
@@ -271,8 +310,6 @@ def check_gguf(path: str | os.PathLike) -> str | None:
     version, and a walk over the header (metadata and tensor descriptions) whose tensor sizes and offsets
     give the size the file must have. Reads the header only (a fraction of a second)."""
     import mmap
-
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
         size = os.path.getsize(path)
@@ -286,79 +323,49 @@ def check_gguf(path: str | os.PathLike) -> str | None:
     except OSError as err:
         return f"unreadable: {err}"
     with data:
-        pos = 4
-
-        def take(fmt: str):
-            nonlocal pos
-            n = struct.calcsize(fmt)
-            if pos + n > size:
-                raise _Short
-            value = struct.unpack_from(fmt, data, pos)
-            pos += n
-            return value[0]
-
-        def skip(n: int):
-            nonlocal pos
-            if pos + n > size:
-                raise _Short
-            pos += n
-
-        def string() -> bytes:
-            n = take("<Q")
-            skip(n)
-            return data[pos - n:pos]
-
-        def value(kind: int):
-            if kind in _GGUF_SCALAR_BYTES:
-                skip(_GGUF_SCALAR_BYTES[kind])
-                return data[pos - _GGUF_SCALAR_BYTES[kind]:pos]
-            if kind == _GGUF_STRING:
-                return string()
-            if kind == _GGUF_ARRAY:
-                item, count = take("<I"), take("<Q")
-                if item in _GGUF_SCALAR_BYTES:
-                    skip(count * _GGUF_SCALAR_BYTES[item])
-                else:
-                    for _ in range(count):
-                        value(item)
-                return None
-            raise ValueError(f"metadata value type {kind} is not a GGUF type")
-
         try:
-            version = take("<I")
-            if version not in (2, 3):
-                return f"GGUF version {version} is not supported (expected 2 or 3; a big-endian file?)"
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            if n_tensors > size or n_kv > size:
-                return f"damaged: its header counts {n_tensors} tensors and {n_kv} metadata entries in {size} bytes"
-            alignment = 32
-            for _ in range(n_kv):
-                key = string()
-                kind = take("<I")
-                raw = value(kind)
-                if key == b"general.alignment" and kind == 4:
-                    alignment = int.from_bytes(raw, "little") or 32
-            end = 0
-            for _ in range(n_tensors):
-                name = string().decode("utf-8", "replace")
-                n_dims = take("<I")
-                if n_dims > 8:
-                    return f"damaged: tensor {name!r} has {n_dims} dimensions"
-                elements = math.prod(take("<Q") for _ in range(n_dims))
-                ggml_type, offset = take("<I"), take("<Q")
-                try:
-                    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-                except (ValueError, KeyError):
-                    return f"tensor {name!r} has tensor type {ggml_type}, unknown to the gguf package"
-                end = max(end, offset + elements // block * block_bytes)
-            data_start = -(-pos // alignment) * alignment
+            problem, needed = _walk_header(_Header(data, size))
         except _Short:
             return f"truncated: {size} bytes, it ends inside its header"
         except ValueError as err:
             return f"damaged: {err}"
-    if size < data_start + end:
-        return f"truncated: {size} bytes, its header describes {data_start + end}"
-    return None
+    if problem is None and size < needed:
+        return f"truncated: {size} bytes, its header describes {needed}"
+    return problem
+
+
+def _walk_header(h: _Header) -> tuple[str | None, int]:
+    """(what is wrong with the header or None, the size in bytes the file must have)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    version = h.take("<I")
+    if version not in (2, 3):
+        return f"GGUF version {version} is not supported (expected 2 or 3; a big-endian file?)", 0
+    n_tensors, n_kv = h.take("<Q"), h.take("<Q")
+    if n_tensors > h.size or n_kv > h.size:
+        return f"damaged: its header counts {n_tensors} tensors and {n_kv} metadata entries in {h.size} bytes", 0
+    alignment = 32
+    for _ in range(n_kv):
+        key = h.string()
+        kind = h.take("<I")
+        raw = h.value(kind)
+        if key == b"general.alignment" and kind == 4:
+            alignment = int.from_bytes(raw, "little") or 32
+    end = 0
+    for _ in range(n_tensors):
+        name = h.string().decode("utf-8", "replace")
+        n_dims = h.take("<I")
+        if n_dims > 8:
+            return f"damaged: tensor {name!r} has {n_dims} dimensions", 0
+        elements = math.prod(h.take("<Q") for _ in range(n_dims))
+        ggml_type, offset = h.take("<I"), h.take("<Q")
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            return f"tensor {name!r} has tensor type {ggml_type}, unknown to the gguf package", 0
+        end = max(end, offset + elements // block * block_bytes)
+    return None, -(-h.pos // alignment) * alignment + end
+
 
 def one_line(err: BaseException, limit: int = 400) -> str:
     """An exception as one line: its type and its message with the lines joined (cut at ``limit``)."""

@@ -1,95 +1,33 @@
 """The public op API: validation with clear errors, then dispatch to the C++ / CUDA kernels.
 
-Each op checks its arguments in Python before any pointer reaches native code and raises
-``ValueError`` naming the op, the argument, what was expected and what came. CPU tensors run the C++
+Each op checks its arguments' metadata (types, ranks, shapes, dtypes, devices, numbers) in Python before any
+pointer reaches native code and raises ``ValueError`` naming the op, the argument, what was expected and what
+came. Values (ids out of range, NaN logits, ...) are checked by the kernels in their own pass over the data: at
+once on the CPU, through ``raise_pending_errors`` on CUDA (see ``dlmom.op_library``). CPU tensors run the C++
 kernels (``dlmom._C``), CUDA tensors the CUDA kernels (``dlmom._C_cuda``, imported on first use so that
 ``import dlmom`` works without a GPU). ``DLMOM_BACKEND=reference`` forces the pure-torch versions of
-``dlmom.reference`` everywhere.
+``dlmom.reference`` everywhere. Every op is also ``torch.ops.dlmom.<op>`` (``torch.compile`` and
+``torch.export`` see it as one opaque op).
 """
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import warnings
 
 import torch
 
+from . import op_library as lib
 from . import reference
+from .op_library import backend_choice, native_module, raise_pending_errors  # noqa: F401 (public)
+from .op_library import kernels_for as _kernels_for, run as _run, view as _view  # noqa: F401 (tests use them)
+from .op_library import rows_unit_stride as _rows_unit_stride
 from .op_types import Packet, QuantizedKV
 
-__all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2", "Packet", "QuantizedKV"]
+__all__ = ["soft_embed", "topk_packet", "ties_merge", "kv_quant2", "kv_dequant2", "raise_pending_errors", "Packet",
+           "QuantizedKV"]
 
-# Must match dlmom::DType in csrc/common.h.
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3, torch.int64: 4,
-                torch.uint8: 5}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("auto", "reference")
-_modules: dict[str, object] = {}
-_warned_no_cuda = False
-
-
-# ---- backend selection ----
-
-def backend_choice() -> str:
-    """The value of DLMOM_BACKEND ("auto" when unset), validated."""
-    choice = os.environ.get("DLMOM_BACKEND")
-    if choice is None:
-        return "auto"
-    choice = choice.strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"DLMOM_BACKEND must be one of {_BACKENDS}, got {choice!r}")
-    return choice
-
-
-def native_module(device_type: str):
-    """dlmom._C for "cpu", dlmom._C_cuda for "cuda"; None when that module was not built."""
-    name = "_C" if device_type == "cpu" else "_C_cuda"
-    if name not in _modules:
-        try:
-            _modules[name] = importlib.import_module(f"dlmom.{name}")
-        except ImportError:
-            _modules[name] = None
-    return _modules[name]
-
-
-def _kernels_for(op: str, t: torch.Tensor):
-    """The native module that runs ``op`` on ``t``'s device, or None for the reference."""
-    global _warned_no_cuda
-    if "DLMOM_BACKEND" in os.environ and backend_choice() == "reference":
-        return None
-    if t.is_cpu:
-        mod = _modules.get("_C") or native_module("cpu")
-        if mod is None:
-            raise ImportError(f"{op}: the dlmom C++ extension (dlmom._C) is not built. Install the package "
-                              "with `pip install .` from the source tree, or set DLMOM_BACKEND=reference "
-                              "to use the pure-torch ops.")
-        return mod
-    if t.is_cuda:
-        mod = native_module("cuda")
-        if mod is None and not _warned_no_cuda:
-            _warned_no_cuda = True
-            warnings.warn("dlmom was built without CUDA kernels: CUDA tensors use the pure-torch reference "
-                          "ops. Rebuild with nvcc on PATH for the fused kernels.", RuntimeWarning, stacklevel=3)
-        return mod
-    return None
-
-
-def _view(t: torch.Tensor):
-    return (t.data_ptr(), _DTYPE_CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
-
-
-def _run(mod, t: torch.Tensor, fn: str, *args):
-    """Call a kernel; CUDA kernels get the current stream of t's device.
-
-    Tensor arguments are passed here as tensors and turned into raw views only inside this call: ``args``
-    holds a reference to each until the kernel returns, so a temporary copy made by the caller (e.g.
-    ``x.contiguous()`` in the argument list) cannot be freed while native code reads it."""
-    views = [_view(a) if isinstance(a, torch.Tensor) else a for a in args]  # (``args`` keeps the tensors)
-    if t.is_cuda:
-        with torch.cuda.device(t.device):
-            return getattr(mod, fn)(*views, stream=torch.cuda.current_stream(t.device).cuda_stream)
-    return getattr(mod, fn)(*views)
+_IDS = (torch.int32, torch.int64)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # ---- validation helpers ----
@@ -138,11 +76,6 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
-    """The kernels read rows with unit stride: copy only when the last dim is strided."""
-    return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 # ---- ops ----
 
 def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0,
@@ -167,6 +100,15 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
     NaN or a flushed 0 (inf only where the exact value is beyond the dtype's range; NaN and inf in probs or
     weight propagate).
     """
+    if out is None and _plain_soft_embed(ids, probs, weight, scale):
+        # The common call (2-D CPU tensors with unit-stride rows, no out, plain eager mode), checked by
+        # _plain_soft_embed with a few attribute reads: per-call overhead matters at decode batch sizes. Anything
+        # else takes the general path below, whose checks give the messages. The kernel checks the id range.
+        mod = lib.cpu_kernels()
+        if mod is not None:
+            result = weight.new_empty((ids.shape[0], weight.shape[1]))
+            mod.soft_embed(_view(ids), _view(probs), _view(weight), float(scale), _view(result))
+            return result
     op = "soft_embed"
     _check_tensor(op, "ids", ids, min_dims=1, dtypes=(torch.int32, torch.int64))
     _check_tensor(op, "probs", probs, min_dims=1, dtypes=_FLOATS)
@@ -187,27 +129,32 @@ def soft_embed(ids: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, *, 
         if any(s == 0 and n > 1 for n, s in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out must not address one element twice, got shape {tuple(out.shape)} with "
                              f"strides {out.stride()}")
-    mod = _kernels_for(op, weight)
-    # The C++ kernel checks the id range while it reads them; elsewhere check here (a sync on CUDA).
-    if (mod is None or weight.device.type != "cpu") and ids.numel():
-        lo, hi = torch.aminmax(ids)
-        if int(lo) < 0 or int(hi) >= V:
-            raise ValueError(f"{op}: ids must be in [0, V={V}), got values in [{int(lo)}, {int(hi)}]")
-    if mod is None:
-        result = reference.soft_embed(ids, probs, weight, scale=scale)
-        return result if out is None else out.copy_(result)
     k = ids.shape[-1]
     if ids.dim() != 2:
         ids, probs = ids.reshape(-1, k), probs.reshape(-1, k)
     ids2, probs2, weight2 = _rows_unit_stride(ids), _rows_unit_stride(probs), _rows_unit_stride(weight)
+    if not lib.eager(ids, probs, weight, out):
+        result = torch.ops.dlmom.soft_embed(ids2, probs2, weight2, float(scale)).view(*lead, D)
+        return result if out is None else out.copy_(result)
     # The kernel writes out directly only when out is dense and shares no memory with what it reads.
     direct = out is not None and out.is_contiguous() and not (
         _may_overlap(out, weight2) or _may_overlap(out, ids2) or _may_overlap(out, probs2))
-    out2 = out.view(ids2.shape[0], D) if direct else weight.new_empty((ids2.shape[0], D))  # (-1 fails for D = 0)
-    _run(mod, weight, "soft_embed", ids2, probs2, weight2, float(scale), out2)
+    out2 = lib.run_soft_embed(ids2, probs2, weight2, float(scale), out.view(ids2.shape[0], D) if direct else None)
     if out is None:
         return out2 if len(lead) == 1 else out2.view(*lead, D)
     return out if direct else out.copy_(out2.view(*lead, D))
+
+
+def _plain_soft_embed(ids, probs, weight, scale) -> bool:
+    """Whether soft_embed's arguments are valid 2-D CPU tensors with unit-stride rows and a finite scale, and
+    the call is plain eager (lib.eager)."""
+    return (type(ids) is torch.Tensor and type(probs) is torch.Tensor and type(weight) in _PLAIN
+            and (type(scale) is float or type(scale) is int) and scale - scale == 0  # finite (not NaN / inf)
+            and ids.dtype in _IDS and probs.dtype in _FLOATS and weight.dtype in _FLOATS
+            and ids.dim() == 2 and weight.dim() == 2 and probs.shape == ids.shape and ids.shape[1] > 0
+            and ids.is_cpu and probs.is_cpu and weight.is_cpu
+            and ids.stride(1) == 1 and probs.stride(1) == 1 and weight.stride(1) == 1
+            and lib.eager(ids, probs, weight))
 
 
 def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p: float = 1.0) -> Packet:
@@ -231,22 +178,10 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
     _check_number(op, "top_p", top_p, lo=0, hi=1, lo_open=True)
     lead = logits.shape[:-1]
     x = _rows_unit_stride(logits.reshape(-1, V))
-    mod = _kernels_for(op, logits)
-    if mod is None:
-        ids, probs, entropy = reference.topk_packet(x, k, temperature=temperature, top_p=top_p)
+    if lib.eager(logits):
+        ids, probs, entropy = lib.run_topk_packet(x, k, temperature, top_p)
     else:
-        B = x.shape[0]
-        ids = torch.empty(B, k, dtype=torch.int64, device=x.device)
-        probs = torch.empty(B, k, dtype=torch.float32, device=x.device)
-        entropy = torch.empty(B, dtype=torch.float32, device=x.device)
-        t, p = reference.topk_params(temperature, top_p)
-        _run(mod, x, "topk_packet", x, int(k), t, p, ids, probs, entropy)
-    # The single pass flags rows with NaN, +inf or no finite logit by a NaN entropy.
-    bad = torch.isnan(entropy)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{op}: logits must be finite or -inf with at least one finite value per row; "
-                         f"row {row} holds NaN, +inf or only -inf")
+        ids, probs, entropy = torch.ops.dlmom.topk_packet(x, k, float(temperature), float(top_p))
     return Packet(ids.view(*lead, k), probs.view(*lead, k), entropy.view(lead))
 
 
@@ -257,8 +192,10 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     v = logits - mean(logits) per row (mean over finite entries); |v| < theta -> 0 (|v| == theta is
     kept); elected sign per token: ``"vote"`` sign(sum_e w_e sign(v_e)) (a tie elects 0), ``"mass"``
     sign(sum_e w_e v_e); merged = weighted mean of the v_e whose sign equals the elected one (0 where
-    none). A token that any expert masks with -inf is -inf. ``weights`` [E] (router scores, >= 0)
-    weight both the vote and the mean; default all 1.
+    none). A token that any expert masks with -inf is -inf. ``weights`` (router scores, >= 0, any float
+    dtype) weight both the vote and the mean: [E] for every row, or ``logits.shape[:-1]`` ([E, B]) per row, as
+    if each row were merged alone with its own [E]; default all 1. NaN, inf or negative weights raise
+    ValueError (on CUDA through ``raise_pending_errors``).
 
     Extreme values: the math is fp32 (theta too: beyond float32 it trims everything). Only the ratios of the
     weights count: they are scaled by a power of two (exact) so the largest is below 1, so any finite weights
@@ -273,42 +210,22 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     E, V = logits.shape[0], logits.shape[-1]
     if E < 1 or V < 1:
         raise ValueError(f"{op}: logits must be [E >= 1, ..., V >= 1], got shape {tuple(logits.shape)}")
-    if weights is not None:
-        _check_tensor(op, "weights", weights, dims=1, dtypes=_FLOATS)
-        _check_same_device(op, logits=logits, weights=weights)
-        if weights.shape[0] != E:
-            raise ValueError(f"{op}: weights must have shape [E={E}], got {tuple(weights.shape)}")
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError(f"{op}: weights must be finite and >= 0, got {weights.tolist()}")
     lead = logits.shape[1:-1]
-    x = _rows_unit_stride(logits.reshape(E, math.prod(lead), V))  # (-1 fails when B = 0)
-    mod = _kernels_for(op, logits)
-    if mod is None:
-        if bool(torch.isnan(x).any()) or bool((x == math.inf).any()) or bool(
-                ((x.abs() > reference.TIES_MAX_LOGIT) & (x != -math.inf)).any()):
-            _ties_bad_logits(x)
-        return reference.ties_merge(x, theta=theta, elect=elect, weights=weights).view(*lead, V)
-    B = x.shape[1]
-    means = torch.empty(E, B, dtype=torch.float32, device=x.device)
-    out = torch.empty(B, V, dtype=torch.float32, device=x.device)
-    w = None if weights is None else reference.ties_weights(weights, E, x.device)
-    # theta beyond float32 trims everything; the largest float32 does the same (|v| <= 2^97) and the kernels
-    # want a finite one.
-    _run(mod, x, "ties_merge", x, w, min(float(theta), reference.FLOAT32_MAX), 0 if elect == "vote" else 1,
-         means, out)
-    # The kernel's row means are non-finite exactly when a row holds NaN, +inf or |x| > 2^96.
-    if not bool(torch.isfinite(means).all()):
-        _ties_bad_logits(x)
+    B = math.prod(lead)
+    if weights is not None:
+        _check_tensor(op, "weights", weights, dtypes=_FLOATS)
+        _check_same_device(op, logits=logits, weights=weights)
+        if weights.shape != (E,) and weights.shape != logits.shape[:-1]:
+            raise ValueError(f"{op}: weights must have shape [E={E}] or logits.shape[:-1] = "
+                             f"{list(logits.shape[:-1])} (per row), got {tuple(weights.shape)}")
+        if weights.dim() > 2:
+            weights = weights.reshape(E, B)
+    x = _rows_unit_stride(logits.reshape(E, B, V))  # (-1 fails when B = 0)
+    if lib.eager(logits, weights):
+        out = lib.run_ties_merge(x, weights, float(theta), elect == "mass")
+    else:
+        out = torch.ops.dlmom.ties_merge(x, weights, float(theta), elect == "mass")
     return out.view(*lead, V)
-
-
-def _ties_bad_logits(x: torch.Tensor):
-    """Raise the error for logits that hold NaN, +inf or a finite value beyond 2^96 (only on the error path)."""
-    if bool(torch.isnan(x).any()) or bool((x == math.inf).any()):
-        raise ValueError("ties_merge: logits must be finite or -inf, got NaN or +inf")
-    big = x.float().abs().masked_fill(x == -math.inf, 0).max()
-    raise ValueError(f"ties_merge: logits must be -inf or finite with |x| <= 2^96 (about 7.9e28), got "
-                     f"{float(big):.4g}")
 
 
 def _kv_axis(op: str, x: torch.Tensor, axis) -> int:
@@ -338,23 +255,14 @@ def kv_quant2(x: torch.Tensor, *, group_size: int = 32, axis: int = -1) -> Quant
     if axis == -2 and x.dim() < 2:
         raise ValueError(f"{op}: axis=-2 needs x with at least 2 dims, got shape {tuple(x.shape)}")
     _check_number(op, "group_size", group_size, lo=1, integer=True)
-    if x.numel():
-        # min and max propagate NaN and show +-inf: one reduction pass, no bool tensor of x's size
-        # (torch.isfinite(x).all() costs several times the kernel on CPU).
-        lo, hi = torch.aminmax(x)
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            raise ValueError(f"{op}: x must be finite, got NaN or inf")
-    mod = _kernels_for(op, x)
-    if mod is None:
-        return reference.kv_quant2(x, group_size=group_size, axis=axis)
     R, L, C = reference.canonical_3d(x.shape, axis)
     G = min(group_size, max(L, 1))  # the same groups; an int64 for the kernel however large group_size is
+    x3 = x.reshape(R, L, C)
+    if lib.eager(x):
+        codes, scale, zero = lib.run_kv_quant2(x3, G)
+    else:
+        codes, scale, zero = torch.ops.dlmom.kv_quant2(x3, G)
     ng, nb = -(-L // G), -(-L // 4)
-    x3 = x.reshape(R, L, C).contiguous()
-    codes = torch.empty(R, nb, C, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(R, ng, C, dtype=x.dtype, device=x.device)
-    zero = torch.empty(R, ng, C, dtype=x.dtype, device=x.device)
-    _run(mod, x, "kv_quant2", x3, G, codes, scale, zero)
     lead = x.shape[:-1] if axis == -1 else x.shape[:-2]
     tail, gtail = ((nb,), (ng,)) if axis == -1 else ((nb, x.shape[-1]), (ng, x.shape[-1]))
     return QuantizedKV(codes.view(*lead, *tail), scale.view(*lead, *gtail), zero.view(*lead, *gtail),
@@ -390,10 +298,9 @@ def kv_dequant2(q: QuantizedKV, *, dtype: torch.dtype | None = None) -> torch.Te
             or q.zero.dtype != q.scale.dtype:
         raise ValueError(f"{op}: q's codes {tuple(q.codes.shape)}, scale {tuple(q.scale.shape)} and zero "
                          f"{tuple(q.zero.shape)} do not fit shape {tuple(q.shape)} with group_size {q.group_size}")
-    mod = _kernels_for(op, q.codes)
-    if mod is None:
-        return reference.kv_dequant2(q, dtype=dtype)
-    out = torch.empty(R, L, C, dtype=dtype or q.scale.dtype, device=q.codes.device)
-    _run(mod, q.codes, "kv_dequant2", q.codes.reshape(R, nb, C).contiguous(), q.scale.reshape(R, ng, C).contiguous(),
-         q.zero.reshape(R, ng, C).contiguous(), G, out)
+    codes, scale, zero = q.codes.reshape(R, nb, C), q.scale.reshape(R, ng, C), q.zero.reshape(R, ng, C)
+    if lib.eager(codes, scale, zero):
+        out = lib.run_kv_dequant2(codes, scale, zero, G, L, dtype or q.scale.dtype)
+    else:
+        out = torch.ops.dlmom.kv_dequant2(codes, scale, zero, G, L, dtype or q.scale.dtype)
     return out.view(q.shape)

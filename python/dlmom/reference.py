@@ -88,7 +88,8 @@ TIES_MAX_LOGIT = 2.0 ** 96
 
 
 def ties_weights(weights: torch.Tensor | None, E: int, device: torch.device) -> torch.Tensor:
-    """The weights as float32 [E], scaled by a power of two so that the largest is in [0.5, 1) (or all are 0).
+    """The weights as float32 [E] (or [E, B]: per row), each row's scaled by a power of two so that its largest
+    is in [0.5, 1) (or all are 0).
 
     The merge depends only on their ratios, and a power of two scales exactly (down to float32's subnormals):
     the weighted sums cannot overflow however large the weights are, and ties stay ties.
@@ -96,7 +97,7 @@ def ties_weights(weights: torch.Tensor | None, E: int, device: torch.device) -> 
     if weights is None:
         return torch.ones(E, device=device)
     w = weights.double()  # every float32 weight and power of two below fits, the product is exact
-    exponent = torch.frexp(w.max()).exponent  # max = m * 2^exponent, m in [0.5, 1); 0 for max == 0
+    exponent = torch.frexp(w.amax(0)).exponent  # max = m * 2^exponent, m in [0.5, 1); 0 for max == 0
     return (w * torch.pow(2.0, -exponent.double())).float()
 
 
@@ -107,8 +108,8 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     v = x - mean_finite(x); |v| < theta -> 0; elected = sign(sum_e w_e sign(v_e)) ("vote") or
     sign(sum_e w_e v_e) ("mass"); merged = sum of w_e v_e over experts with sign(v_e) == elected != 0,
     divided by the sum of their w_e (0 where none). A token that any expert masks with -inf is -inf.
-    The weights are first scaled by a power of two (ties_weights); finite logits should have
-    |x| <= TIES_MAX_LOGIT, which dlmom.ops checks.
+    ``weights`` is [E] or ``logits.shape[:-1]`` (per row). The weights are first scaled by a power of two
+    (ties_weights, per row); finite logits should have |x| <= TIES_MAX_LOGIT, which dlmom.ops checks.
     """
     x = logits.float()
     E = x.shape[0]
@@ -118,6 +119,7 @@ def ties_merge(logits: torch.Tensor, *, theta: float = 0.0, elect: str = "vote",
     v = torch.where(finite, x - mean, torch.zeros_like(x))
     v = torch.where(v.abs() >= float32_of(theta), v, torch.zeros_like(v))  # theta as a float32 (maybe inf)
     w = ties_weights(weights, E, x.device)
+    w = w.view(E, *([1] * (x.dim() - 1))) if w.dim() == 1 else w.unsqueeze(-1)  # broadcast over [..., V]
     s = torch.sign(v)
     # Sums over experts in expert order, each product and sum rounded to fp32 (as the kernels: an election
     # that rounding decides is decided alike; torch's sum(0) may take another order).

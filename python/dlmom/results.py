@@ -13,10 +13,8 @@ import torch
 @dataclasses.dataclass
 class Result:
     """One prompt's answer. text renders every step (a latent step by the top-1 token of its packet);
-    trace: one record per step; route: each expert's preview score and whether it was kept; usage: per
-    expert (for the whole batch) tokens prefilled, prompt tokens taken from a shared prefill instead, tokens
-    decoded and the peak KV-cache bytes (a model's cache split evenly among its roles); the kv mode, wall
-    and expert-forward seconds."""
+    trace: one record per step; route: each expert's preview score and whether it was kept; usage: this
+    prompt's cost (``prompt_usage``). The batch's totals are on the list the call returns (``Results.usage``)."""
 
     text: str
     trace: list[dict]
@@ -25,6 +23,51 @@ class Result:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class Results(list):
+    """The Results of one call, one per prompt in order, and ``usage``: the batch's totals, reported once
+    (``batch_usage``)."""
+
+    def __init__(self, results: list[Result], usage: dict):
+        super().__init__(results)
+        self.usage = usage
+
+    def to_dict(self) -> dict:
+        return {"results": [r.to_dict() for r in self], "usage": self.usage}
+
+
+_PER_PROMPT = ("tokens", "prefill_tokens", "shared_prefill_tokens", "decode_tokens", "generated_tokens", "latent_steps",
+               "switches", "bus_bytes")
+
+
+def prompt_usage(method: str, experts: list[dict], *, wall_s: float, generated_tokens: int, latent_steps: int = 0,
+                 switches: int = 0, bus_bytes: int = 0) -> dict:
+    """One prompt's usage. ``experts``: per expert this prompt's ``prefill_tokens`` (computed),
+    ``shared_prefill_tokens`` (taken from a prefix another role computed; optional) and ``decode_tokens``
+    (one per row per decode forward). ``tokens`` = prefill + decode over every expert: what the forwards
+    processed for this prompt. ``wall_s``: the whole call's wall time (the prompt's latency in its batch)."""
+    prefill = sum(e["prefill_tokens"] for e in experts)
+    decode = sum(e["decode_tokens"] for e in experts)
+    return {"method": method, "tokens": prefill + decode, "prefill_tokens": prefill,
+            "shared_prefill_tokens": sum(e.get("shared_prefill_tokens", 0) for e in experts), "decode_tokens": decode,
+            "generated_tokens": generated_tokens, "latent_steps": latent_steps, "switches": switches,
+            "bus_bytes": bus_bytes, "wall_s": wall_s, "experts": experts}
+
+
+def batch_usage(method: str, per_prompt: list[dict], *, wall_s: float, expert_forward_s: float, **extra) -> dict:
+    """The batch's totals from its prompts' usage: every count summed (per expert too), the call's wall and
+    expert-forward seconds, and ``extra`` (e.g. the KV cache mode and per-expert cache bytes)."""
+    experts: dict[str, dict] = {}
+    for usage in per_prompt:
+        for e in usage["experts"]:
+            total = experts.setdefault(e["expert"], {"expert": e["expert"]})
+            for key, value in e.items():
+                if key != "expert":
+                    total[key] = total.get(key, 0) + value
+    totals = {key: sum(u[key] for u in per_prompt) for key in _PER_PROMPT}
+    return {"method": method, "prompts": len(per_prompt), **totals, "wall_s": wall_s,
+            "expert_forward_s": expert_forward_s, "experts": list(experts.values()), **extra}
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

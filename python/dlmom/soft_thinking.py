@@ -72,9 +72,8 @@ class SoftThinkingRunner:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (experts[0].eos_ids() or {0}).pop()
         self.forward_s = 0.0
-        self.prefill_tokens = [0] * len(experts)
-        self.shared_prefill_tokens = [0] * len(experts)
-        self.decode_tokens = [0] * len(experts)
+        # Tokens per row [R, B] (role, prompt): computed in prefills, taken from a shared prefix, decoded.
+        self.prefill_tokens = self.shared_prefill_tokens = self.decode_tokens = torch.zeros(0, 0, dtype=torch.long)
         self.kv = KVSettings()  # the prefill / decode cache's settings; set by prefill
         self.cache, self._peak_cache, self._grid = None, 0, None
         self.batch = 0
@@ -116,11 +115,10 @@ class SoftThinkingRunner:
         self.forward_s += time.perf_counter() - start
         return out.logits, full, next_pos + new_mask.sum(-1)
 
-    def _count(self, counts: list[int], new_mask: torch.Tensor, role_of_row: torch.Tensor) -> None:
-        """Add each row's new positions (new_mask [N, L]) to the count of its role (role_of_row [N])."""
-        per_role = torch.zeros(self.roles, dtype=torch.long).index_add_(0, role_of_row.cpu(), new_mask.sum(-1).cpu())
-        for r, n in enumerate(per_role.tolist()):
-            counts[r] += n
+    @staticmethod
+    def _count(counts: torch.Tensor, new_mask: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add each row's new positions (new_mask [N, L]) to ``counts`` [R, B] at its row (rows [N], role-major)."""
+        counts.view(-1).index_add_(0, rows.cpu(), new_mask.sum(-1).cpu())
 
     def _scatter(self, logits: torch.Tensor) -> torch.Tensor:
         """[R, B, V] from the last-position logits [N_active, 1, V] of the active rows (zeros elsewhere).
@@ -140,15 +138,14 @@ class SoftThinkingRunner:
 
         With ``share_prefix`` and several roles, the token prefix that all roles' prompts of one prompt have in
         common (e.g. the chat template's opening) is computed once and its cache copied to every role; each role
-        then prefills only the rest. ``shared_prefill_tokens`` counts per role the prompt tokens it took from
+        then prefills only the rest. ``shared_prefill_tokens`` [R, B] counts per row the prompt tokens it took from
         that shared prefix instead of computing them (the first role computes the prefix: it is in its
         ``prefill_tokens``)."""
         self.kv = kv or KVSettings()
         self.forward_s = 0.0
-        self.prefill_tokens = [0] * self.roles
-        self.shared_prefill_tokens = [0] * self.roles
-        self.decode_tokens = [0] * self.roles
         self.batch = B = len(prompts)
+        self.prefill_tokens, self.shared_prefill_tokens, self.decode_tokens = (
+            torch.zeros(self.roles, B, dtype=torch.long) for _ in range(3))
         rows = [e.prompt_ids(p, chat=chat) for e in self.experts for p in prompts]
         # Before any forward: a prompt past the model's positions is refused here, not run.
         rooms = [e.context_room(rows[r * B:(r + 1) * B]) for r, e in enumerate(self.experts)]
@@ -164,9 +161,8 @@ class SoftThinkingRunner:
         if any(shared):
             ids, new_mask = _left_pad([rows[b][:shared[b]] for b in range(B)], self.pad_id, self.device)
             _, mask, next_pos = self._run(new_mask, self.cache, None, next_pos, 1, input_ids=ids)
-            self._count(self.prefill_tokens, new_mask, torch.zeros(B, dtype=torch.long))  # computed once, by the first role
-            for r in range(1, self.roles):
-                self.shared_prefill_tokens[r] += sum(shared)
+            self._count(self.prefill_tokens, new_mask, torch.arange(B))  # computed once, by the first role
+            self.shared_prefill_tokens[1:] += torch.tensor(shared)
             to_rows = torch.arange(self.roles * B, device=self.device) % B  # role-major copies of the B rows
             self.cache.reorder_cache(to_rows)
             mask, next_pos = mask[to_rows], next_pos[to_rows]
@@ -175,7 +171,7 @@ class SoftThinkingRunner:
         suffixes = [r[shared[i % B]:] for i, r in enumerate(rows)]
         ids, new_mask = _left_pad(suffixes, self.pad_id, self.device)
         logits, self.mask, self.next_pos = self._run(new_mask, self.cache, mask, next_pos, 1, input_ids=ids)
-        self._count(self.prefill_tokens, new_mask, self.active // B)
+        self._count(self.prefill_tokens, new_mask, self.active)
         return self._scatter(logits)
 
     def rows_per_prompt(self) -> torch.Tensor:
@@ -207,7 +203,7 @@ class SoftThinkingRunner:
         new_mask = torch.ones(emb.shape[0], 1, dtype=torch.long, device=self.device)
         logits, self.mask, self.next_pos = self._run(new_mask, self.cache, self.mask, self.next_pos, 1,
                                                      inputs_embeds=emb.unsqueeze(1))
-        self._count(self.decode_tokens, new_mask, self.active // self.batch)
+        self._count(self.decode_tokens, new_mask, self.active)
         return self._scatter(logits)
 
     def feed_tokens(self, per_prompt: list[list[int]]) -> torch.Tensor | None:
@@ -221,15 +217,17 @@ class SoftThinkingRunner:
         ids, new_mask = _left_pad(rows, self.pad_id, self.device)
         logits, self.mask, self.next_pos = self._run(new_mask, self.cache, self.mask, self.next_pos, 1,
                                                      input_ids=ids)
-        self._count(self.decode_tokens, new_mask, self.active // self.batch)
+        self._count(self.decode_tokens, new_mask, self.active)
         return self._scatter(logits)
 
     def teacher_forced(self, rows: list[list[int]], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, keep, V_model] of the last ``keep`` positions, the left-padded ids [N, L]) of token rows
         (role-major, ``len(rows)`` a multiple of the roles), in one forward over a fresh full-precision cache (a
-        compressed one would only cost time here); their tokens count as prefilled by their roles."""
+        compressed one would only cost time here). Within a generation (one row per role and prompt of its
+        prefill, ``row = role * B + b``) their tokens count as prefilled by those rows."""
         ids, mask = _left_pad(rows, self.pad_id, self.device)
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         logits, _, _ = self._run(mask, self._new_cache("full"), None, zero, keep, input_ids=ids)
-        self._count(self.prefill_tokens, mask, torch.arange(self.roles).repeat_interleave(len(rows) // self.roles))
+        if len(rows) == self.prefill_tokens.numel():
+            self._count(self.prefill_tokens, mask, torch.arange(len(rows)))
         return logits, ids
