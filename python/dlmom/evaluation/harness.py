@@ -129,7 +129,7 @@ class _Run:
         for item, result in zip(items, results):
             record = {"item": item.id, "method": method.name, "task": self.task, "correct": False, "answer": None,
                       "reason": "error" if error else None, "error": error, "text": result.text if result else None,
-                      "tokens": rec.tokens_of(result, len(items)) if result else None,
+                      "tokens": result.usage["tokens"] if result else None,
                       "wall_s": wall / len(items), "batch": len(items), "settings": self.settings,
                       "item_sha": item.fingerprint()}
             if result is None:

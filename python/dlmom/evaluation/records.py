@@ -22,17 +22,6 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def tokens_of(result, batch: int) -> int | None:
-    """Tokens processed for one prompt by all experts (prefill + decode). Before Result.usage became per prompt
-    it held per expert counts for the whole batch: their sum is split evenly over the batch's prompts."""
-    usage = result.usage
-    if "tokens" in usage:
-        return int(usage["tokens"])
-    experts = usage.get("experts") or []
-    total = sum(e.get("prefill_tokens", 0) + e.get("decode_tokens", 0) for e in experts)
-    return round(total / batch) if experts else None
-
-
 def read(path: str, *, settings: str | None, items: dict[str, str]) -> dict[tuple[str, str], dict]:
     """The records of ``path`` by (item, method), the last one winning; {} when there is no file.
     ``items``: id -> item_sha of this run's items (records of other ids are kept and ignored); ``settings``:
