@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "implementation each op will use on CPU and on CUDA tensors.")
     info.add_argument("--json", action="store_true", help="print the information as JSON")
     info.set_defaults(func=_info)
+    from .evaluation.command import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
