@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "implementation each op will use on CPU and on CUDA tensors.")
     info.add_argument("--json", action="store_true", help="print the information as JSON")
     info.set_defaults(func=_info)
+    from .harness.cli import add_parser as add_lm_eval
+
+    add_lm_eval(sub)
     return parser
 
 
