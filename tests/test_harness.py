@@ -302,3 +302,14 @@ def test_cli_bad_input_is_one_line(args, message):
     done = dlmom("lm-eval", *args)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+@needs_lm_eval
+def test_lm_evals_own_cli_reaches_dlmom(model_folder, task_folder):
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "dlmom.harness", "--model", "dlmom", "--model_args",
+                           f"experts={model_folder}|{model_folder},chat=false,top_k=8,progress=false", "--tasks",
+                           "dlmom_tiny_mc", "--include_path", task_folder, "--device", "cpu", "--limit", "2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "dlmom_tiny_mc" in done.stdout and "acc" in done.stdout

@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
                    help="override the tasks' generation_kwargs, e.g. do_sample=true,temperature=0.7 (dlmom takes "
                         "until, max_gen_toks, do_sample, temperature, top_p)")
     p.add_argument("--output_path", "--output-path", "-o", metavar="PATH",
-                   help="write lm-eval's results JSON under this folder (or to this .json file)")
+                   help="write lm-eval's results JSON under this folder (a path ending in .json names the file; "
+                        "lm-eval adds the date)")
     p.add_argument("--log_samples", "--log-samples", "-s", action="store_true",
                    help="with --output_path, also write every request and response")
     p.add_argument("--seed", type=int, metavar="N",
@@ -71,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         tracker.save_results_aggregated(results=results, samples=samples)
         for task in results["configs"] if samples else ():
             tracker.save_results_samples(task_name=task, samples=samples[task])
+    experts = ", ".join(results["config"].get("dlmom_experts", []))
+    cli._stdout(f"dlmom (experts: {experts}), gen_kwargs: ({args.gen_kwargs or ''}), limit: {args.limit}, "
+                f"num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}")
     cli._stdout(make_table(results), raw=True)
     if results.get("groups"):
         cli._stdout(make_table(results, "groups"), raw=True)
