@@ -310,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the information as JSON")
     info.set_defaults(func=_info)
     from .evaluation.command import add_eval_parser
+    from .harness.cli import add_parser as add_lm_eval
 
     add_eval_parser(sub)
+    add_lm_eval(sub)
     return parser
 
 
