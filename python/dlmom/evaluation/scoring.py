@@ -1,10 +1,10 @@
 """Turning a completion into an answer and scoring it against the item's reference.
 
-Numbers (gsm8k, and jsonl items whose answer is a number): the final number of the completion is, in
-order of preference, the number inside the last ``\\boxed{...}``, the first number after the last
-``####``, the first number after the last "answer is" / "answer:" (any case), else the last number in the
-text. A number may carry a sign (``-`` or ``−``), thousands separators (``1,234,567``), decimals, a
-leading ``$`` and a trailing ``%``; ``18``, ``18.0`` and ``18.00`` are equal (compared as decimals).
+Numbers (gsm8k, and jsonl items whose answer is a number): the final number of the completion is
+``dlmom.answers.final_number``'s (the vote's rules: the number inside the last ``\\boxed{...}``, the first
+number after the last ``####``, the first after the last "answer is" / "answer:" (any case), else the last
+number in the text; signs, thousands separators, decimals, currency signs, fractions), compared with the
+reference as decimals: ``18``, ``18.0`` and ``18.00`` are equal.
 
 Text (jsonl items whose answer is not a number): the final answer is what follows the last "answer is" /
 "answer:" up to the end of that line, else the last non-empty line. Both it and the reference are
@@ -23,11 +23,11 @@ from __future__ import annotations
 import decimal
 import re
 
+from .. import answers
 from .formats import Item
 from .sandbox import Limits, run_program
 
 _NUMBER = re.compile(r"(?<![\w.])([-−]?)\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![\d])")
-_BOXED = re.compile(r"\\boxed\s*\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?", re.IGNORECASE)
 
 
@@ -43,25 +43,16 @@ def parse_number(text: str) -> decimal.Decimal | None:
     return _decimal(*m.groups())
 
 
-def _numbers(text: str) -> list[decimal.Decimal]:
-    return [_decimal(*m.groups()) for m in _NUMBER.finditer(text)]
-
-
 def final_number(text: str) -> decimal.Decimal | None:
-    """The completion's final answer as a number (see the module's docstring for the order), or None."""
-    boxed = _BOXED.findall(text)
-    if boxed:
-        found = _numbers(boxed[-1])
-        if found:
-            return found[-1]
-    for marker in (re.compile(r"####"), _ANSWER_IS):
-        hits = list(marker.finditer(text))
-        if hits:
-            found = _numbers(text[hits[-1].end():])
-            if found:
-                return found[0]
-    found = _numbers(text)
-    return found[-1] if found else None
+    """The completion's final answer as a number: ``dlmom.answers.final_number`` (the rules the vote uses too),
+    as a Decimal (a fraction a/b as its quotient); None when it holds none."""
+    found = answers.final_number(text)
+    if found is None:
+        return None
+    numerator, _, denominator = found.partition("/")
+    if not denominator:
+        return decimal.Decimal(numerator)
+    return decimal.Decimal(numerator) / decimal.Decimal(denominator) if int(denominator) else None
 
 
 def normalise(text: str) -> str:

@@ -82,7 +82,7 @@ class DLMoMLM(LM):
     lm-eval's "auto" is not supported); ``max_batch_size`` is accepted and unused (it only bounds "auto").
 
     generate_until runs ``DLMoM.generate`` (see ``generation_of`` for gen_kwargs); loglikelihood and
-    loglikelihood_rolling score under the consensus distribution (see dlmom.harness.scoring), which needs every
+    loglikelihood_rolling score under the consensus distribution (see dlmom.lmeval.scoring), which needs every
     expert on one tokenizer. Contexts are read as in a generation: each expert's role and, with ``chat`` (on by
     default), its chat template; loglikelihood_rolling scores raw token windows of the document (no role, no
     template). lm-eval's own chat templating (apply_chat_template) is refused: use the ``chat`` field.

@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
                     "the TIES-merged logits, temperature 1), which needs every expert on one tokenizer. Options "
                     "take lm-eval's names (--include_path; --include-path works too).",
         epilog="Needs the eval extra: pip install 'dlmom[eval]'. The same model from Python: "
-               "lm_eval.simple_evaluate(model=dlmom.harness.DLMoMLM([...]), tasks=[...]); from lm-eval's own "
-               "command line: python -m dlmom.harness --model dlmom --model_args 'experts=A|B,top_k=8' --tasks T.")
+               "lm_eval.simple_evaluate(model=dlmom.lmeval.DLMoMLM([...]), tasks=[...]); from lm-eval's own "
+               "command line: python -m dlmom.lmeval --model dlmom --model_args 'experts=A|B,top_k=8' --tasks T.")
     p.add_argument("--tasks", "-t", nargs="+", required=True, metavar="TASK",
                    help="task or group names (comma- or space-separated; lm-eval's glob patterns work)")
     p.add_argument("--include_path", "--include-path", metavar="DIR",

@@ -1,4 +1,4 @@
-"""dlmom.harness: the mixture as an lm-evaluation-harness model, end to end on task YAMLs written here over local
+"""dlmom.lmeval: the mixture as an lm-evaluation-harness model, end to end on task YAMLs written here over local
 JSONL files (no network), and its scores against transformers' own log-probabilities."""
 import importlib.util
 import json
@@ -64,16 +64,6 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A tiny random model saved as a local folder, as a user's own checkpoint would be."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = tokenizer("bytes", 300)
-    llama(tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def task_folder(tmp_path_factory):
     """Two tasks of our own: a generative one (until ".") and a multiple-choice one, over local JSONL files."""
     folder = tmp_path_factory.mktemp("tasks")
@@ -121,7 +111,7 @@ PAIRS = [("What is 3 * 4?", " The answer is 12."), ("", "Plan the steps"), ("The
 
 @needs_lm_eval
 def test_loglikelihood_of_one_expert_is_transformers_logprob(model, tok):
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     lm = DLMoMLM([(model, tok)], chat=False, batch_size=3, progress=False)
     got = lm.loglikelihood(instances("loglikelihood", PAIRS))
@@ -132,7 +122,7 @@ def test_loglikelihood_of_one_expert_is_transformers_logprob(model, tok):
 @needs_lm_eval
 def test_loglikelihood_with_chat_template_scores_the_assistant_turn(model, tok):
     from dlmom.experts import Expert
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     expert = Expert(model, tok, name="solver", system_prompt="You are a careful solver.")
     lm = DLMoMLM([expert], batch_size=2, progress=False)  # chat is on by default
@@ -149,7 +139,7 @@ def test_loglikelihood_with_chat_template_scores_the_assistant_turn(model, tok):
 @needs_lm_eval
 def test_loglikelihood_of_a_mixture_is_the_ties_consensus(tok):
     from dlmom import ties_merge
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     models = [llama(tok, seed=1), llama(tok, seed=2), llama(tok, seed=3)]
     lm = DLMoMLM([(m, tok) for m in models], chat=False, theta=0.05, elect="mass", batch_size=2, progress=False)
@@ -168,7 +158,7 @@ def test_loglikelihood_of_a_mixture_is_the_ties_consensus(tok):
 @needs_lm_eval
 def test_is_greedy_when_the_continuation_is_the_argmax(model, tok):
     """Token level (a random model's greedy bytes need not be text): transformers' greedy tokens are greedy."""
-    from dlmom.harness import DLMoMLM, scoring
+    from dlmom.lmeval import DLMoMLM, scoring
 
     ids = tok.encode("What is 7 * 8?")
     with torch.no_grad():
@@ -184,7 +174,7 @@ def test_is_greedy_when_the_continuation_is_the_argmax(model, tok):
 
 @needs_lm_eval
 def test_loglikelihood_rolling_is_the_text_logprob_after_bos(model, tok):
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     text = "What is 3 * 4? The answer is 12. Then add 7 to get 19."
     lm = DLMoMLM([(model, tok), (model, tok)], chat=False, progress=False)  # one model in two roles: itself
@@ -195,7 +185,7 @@ def test_loglikelihood_rolling_is_the_text_logprob_after_bos(model, tok):
 
 @needs_lm_eval
 def test_loglikelihood_refuses_experts_on_another_tokenizer(model, tok):
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     words = tokenizer("words", 300)
     lm = DLMoMLM([(model, tok), (llama(words, seed=4), words)], chat=False, progress=False)
@@ -212,7 +202,7 @@ def test_loglikelihood_refuses_experts_on_another_tokenizer(model, tok):
     ({"do_sample": True, "top_p": 1.5}, "top_p must be a number in"),
 ])
 def test_generate_until_rejects_what_it_cannot_honour(model, tok, gen_kwargs, message):
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     lm = DLMoMLM([(model, tok)], chat=False, progress=False)
     with pytest.raises(ValueError, match=message):
@@ -221,7 +211,7 @@ def test_generate_until_rejects_what_it_cannot_honour(model, tok, gen_kwargs, me
 
 @needs_lm_eval
 def test_generate_until_samples_only_when_asked(model, tok):
-    from dlmom.harness import DLMoMLM
+    from dlmom.lmeval import DLMoMLM
 
     lm = DLMoMLM([(model, tok)], chat=False, controller="explicit", progress=False)
     prompt = "What is 3 * 4?"
@@ -241,7 +231,7 @@ def test_simple_evaluate_end_to_end(model_folder, task_folder):
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dlmom.harness import model as _  # noqa: F401  registers "dlmom"
+    from dlmom.lmeval import model as _  # noqa: F401  registers "dlmom"
     from dlmom.results import cut_at_stop
 
     manager = TaskManager(include_path=task_folder, include_defaults=False)
@@ -307,7 +297,7 @@ def test_cli_bad_input_is_one_line(args, message):
 @needs_lm_eval
 def test_lm_evals_own_cli_reaches_dlmom(model_folder, task_folder):
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "dlmom.harness", "--model", "dlmom", "--model_args",
+    done = subprocess.run([sys.executable, "-m", "dlmom.lmeval", "--model", "dlmom", "--model_args",
                            f"experts={model_folder}|{model_folder},chat=false,top_k=8,progress=false", "--tasks",
                            "dlmom_tiny_mc", "--include_path", task_folder, "--device", "cpu", "--limit", "2"],
                           capture_output=True, text=True, timeout=600, env=env)
