@@ -200,7 +200,9 @@ sanitize() {  # sanitize TOOL
 }
 pytest_file() {  # pytest_file FILE SECONDS [-k SELECTION]
   local f=$1 limit=$2; shift 2
-  [[ -f tests/$f.py ]] && stage "tests_${f#test_}" "$limit" "$PY" -m pytest -q -p no:cacheprovider "tests/$f.py" "$@"
+  # CUDA_LAUNCH_BLOCKING: a kernel fault surfaces at its own launch, not as a later op's sticky error.
+  [[ -f tests/$f.py ]] && stage "tests_${f#test_}" "$limit" env CUDA_LAUNCH_BLOCKING=1 \
+    "$PY" -m pytest -q -p no:cacheprovider "tests/$f.py" "$@"
 }
 
 # ---- the stages, most important first (the budget may cut the tail) ----
@@ -218,7 +220,7 @@ else
   else
     skip tests "pytest is not importable (bench/gpu_check.sh --prepare-site fills .gpu-site/ on a machine with it)"
   fi
-  if [[ -n "$SAN" ]]; then sanitize memcheck; else stage ops_once 60 "$PY" "$OUT/ops_once.py"; skip sanitizer "compute-sanitizer not found"; fi
+  if [[ -n "$SAN" ]]; then sanitize memcheck; else stage ops_once 60 env CUDA_LAUNCH_BLOCKING=1 "$PY" "$OUT/ops_once.py"; skip sanitizer "compute-sanitizer not found"; fi
   if has_mod pytest; then
     for f in test_soft_embed test_ties_merge test_kv_quant2 test_op_library; do pytest_file $f 60 -k cuda; done
   fi
