@@ -194,3 +194,14 @@ def test_cuda_scratch_comes_from_torch():
     assert torch.cuda.max_memory_allocated() - base >= mod.topk_workspace_bytes(B, V, k) + outputs
     against_cpu_reference(x, k, top_p=0.9)
     del got
+
+
+# ---- ties_merge: the weights are checked on both devices even when no row is merged ----
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_merge_checks_weights_without_rows(device):
+    # B == 0: the CPU checked every weight, the CUDA entry point returned before any kernel saw them.
+    x = torch.randn(3, 0, 10, device=device)
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        dlmom.ties_merge(x, weights=torch.tensor([1.0, math.nan, 1.0], device=device))
+    assert dlmom.ties_merge(x, weights=torch.tensor([1.0, 0.5, 1.0], device=device)).shape == (0, 10)

@@ -215,6 +215,18 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel_any_e(const T* __r
   }
 }
 
+// B == 0 with weights [E]: no row runs the merge kernels, but a bad weight is still an error, as on the CPU.
+__global__ void __launch_bounds__(1) check_weights_kernel(const float* __restrict__ w, int64_t sE, int E,
+                                                          int64_t* status) {
+  for (int e = 0; e < E; ++e) {
+    const float v = w[e * sE];
+    if (!(v >= 0.f && v < ties::kInf)) {
+      flag_error(status, kTiesWeights, e, 0, (long long)__float_as_uint(v));
+      return;
+    }
+  }
+}
+
 int sm_count() {
   int dev = 0, n = 0;
   const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
@@ -263,7 +275,14 @@ void ties_merge_cuda(const View& logits, const View& weights, float theta, int e
   // Shared memory of the generic kernel holds 2 * E floats; far beyond any real expert count.
   DLMOM_CHECK(d.E <= 4096, "ties_merge", "at most 4096 experts on CUDA, got ", d.E);
   DLMOM_CHECK(d.E * d.B <= INT32_MAX, "ties_merge", "E * B must fit a grid (< 2^31 rows), got ", d.E * d.B);
-  if (d.B == 0) return;
+  if (d.B == 0) {
+    if (d.has_weights && weights.ndim == 1) {
+      check_weights_kernel<<<1, 1, 0, as_stream(stream)>>>(static_cast<const float*>(weights.data), d.wsE, int(d.E),
+                                                           status);
+      check_launch("ties_merge");
+    }
+    return;
+  }
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, "ties_merge",
                        launch<T>(d, logits, weights, theta, elect == 1, means, out, status, as_stream(stream)));
 }

@@ -90,6 +90,10 @@ static void ties_errors() {
                          view(m.data(), DType::f32, {E, B}), view(o.data(), DType::f32, {B, V}), status.data(), nullptr);
   report(status[0] == 4 && status[1] == 1, "ties_merge records a negative weight as (4, expert 1, ...): " +
                                                std::to_string(status[0]) + ", " + std::to_string(status[1]));
+  status.assign(4, 0);  // B == 0: no merge runs, the weights [E] are still checked (as on the CPU)
+  dlmom::ties_merge_cuda(view(x.data(), DType::f32, {E, 0, V}), view(w.data(), DType::f32, {E}), 0.f, 0,
+                         view(m.data(), DType::f32, {E, 0}), view(o.data(), DType::f32, {0, V}), status.data(), nullptr);
+  report(status[0] == 4 && status[1] == 1, "ties_merge checks weights [E] when B == 0: " + std::to_string(status[0]));
 }
 
 // ---- kv_quant2 / kv_dequant2 ----
