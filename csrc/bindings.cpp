@@ -38,7 +38,8 @@ static View to_view(const py::object& obj) {
 // status: int64 [4] on the device where kernels record value errors (0: none kept)
 #define DLMOM_STREAM_ARG , uintptr_t status, uintptr_t stream
 #define DLMOM_STREAM , reinterpret_cast<int64_t*>(status), reinterpret_cast<void*>(stream)
-#define DLMOM_STREAM_PY , py::arg("status"), py::arg("stream")
+// (status 0: the kernels record no value error; dlmom.ops always passes its buffer)
+#define DLMOM_STREAM_PY , py::arg("status") = 0, py::arg("stream")
 #else
 #define DLMOM_MODULE _C
 #define DLMOM_SUFFIX(name) name##_cpu
@@ -54,12 +55,24 @@ PYBIND11_MODULE(DLMOM_MODULE, m) {
     dlmom::DLMOM_SUFFIX(soft_embed)(to_view(ids), to_view(probs), to_view(weight), scale, to_view(out)
                                     DLMOM_STREAM);
   }, py::arg("ids"), py::arg("probs"), py::arg("weight"), py::arg("scale"), py::arg("out") DLMOM_STREAM_PY);
+#ifdef DLMOM_CUDA_MODULE
+  // CUDA: the caller passes the scratch (uint8, topk_workspace_bytes(B, V, k)), taken from torch's allocator.
   m.def("topk_packet", [](py::object logits, int64_t k, float temperature, float top_p, py::object ids,
-                          py::object probs, py::object entropy DLMOM_STREAM_ARG) {
-    dlmom::DLMOM_SUFFIX(topk_packet)(to_view(logits), k, temperature, top_p, to_view(ids), to_view(probs),
-                                     to_view(entropy) DLMOM_STREAM);
+                          py::object probs, py::object entropy, py::object workspace DLMOM_STREAM_ARG) {
+    dlmom::topk_packet_cuda(to_view(logits), k, temperature, top_p, to_view(ids), to_view(probs),
+                            to_view(entropy), to_view(workspace) DLMOM_STREAM);
   }, py::arg("logits"), py::arg("k"), py::arg("temperature"), py::arg("top_p"), py::arg("ids"),
-     py::arg("probs"), py::arg("entropy") DLMOM_STREAM_PY);
+     py::arg("probs"), py::arg("entropy"), py::arg("workspace") = py::none() DLMOM_STREAM_PY);
+  m.def("topk_workspace_bytes", &dlmom::topk_packet_cuda_workspace_bytes, py::arg("B"), py::arg("V"),
+        py::arg("k"));
+#else
+  m.def("topk_packet", [](py::object logits, int64_t k, float temperature, float top_p, py::object ids,
+                          py::object probs, py::object entropy) {
+    dlmom::topk_packet_cpu(to_view(logits), k, temperature, top_p, to_view(ids), to_view(probs),
+                           to_view(entropy));
+  }, py::arg("logits"), py::arg("k"), py::arg("temperature"), py::arg("top_p"), py::arg("ids"),
+     py::arg("probs"), py::arg("entropy"));
+#endif
   m.def("ties_merge", [](py::object logits, py::object weights, float theta, int elect, py::object means,
                          py::object out DLMOM_STREAM_ARG) {
     dlmom::DLMOM_SUFFIX(ties_merge)(to_view(logits), to_view(weights), theta, elect, to_view(means),

@@ -18,8 +18,11 @@ void soft_embed_cuda(const View& ids, const View& probs, const View& weight, dou
 // holds NaN, +inf or only -inf: a ValueError on the CPU, an error in `status` on CUDA).
 void topk_packet_cpu(const View& logits, int64_t k, float temperature, float top_p, const View& ids,
                      const View& probs, const View& entropy);
+// CUDA also takes the scratch: workspace uint8 [>= topk_packet_cuda_workspace_bytes(B, V, k)], 16-byte aligned.
 void topk_packet_cuda(const View& logits, int64_t k, float temperature, float top_p, const View& ids,
-                      const View& probs, const View& entropy, int64_t* status, void* stream);
+                      const View& probs, const View& entropy, const View& workspace, int64_t* status,
+                      void* stream);
+int64_t topk_packet_cuda_workspace_bytes(int64_t B, int64_t V, int64_t k);
 
 // logits [E, B, V] float, weights [E] or [E, B] float32 (any strides; >= 0 and finite, scaled per row by a
 // power of two in the kernel) or empty View (all ones), elect 0 = vote, 1 = mass

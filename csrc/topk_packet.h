@@ -61,11 +61,15 @@ DLMOM_HD void online_add(float d, float& s, float& t) {
 }
 
 // Moves the sums to a larger max m_new: with a = exp(m - m_new), s' = a s and t' = a (t + s (m - m_new)).
+// d is clamped as in online_add: two finite maxima more than FLT_MAX apart (-3e38 and 3e38) give d = -inf,
+// and a huge finite d can make s * d overflow; either way a = 0 and the old sums vanish (t' = 0 * finite =
+// 0, not 0 * -inf = NaN). For d >= -87.5 nothing changes.
 DLMOM_HD void online_rescale(OnlineSoftmax& st, float m_new) {
   if (st.s > 0.0f) {
     const float d = st.m - m_new;
+    const float dc = d < -87.5f ? -87.5f : d;
     const float a = fast_expf(d);
-    st.t = a * (st.t + st.s * d);
+    st.t = a * (st.t + st.s * dc);
     st.s *= a;
   }
   st.m = m_new;

@@ -36,7 +36,7 @@ Dims dims_of(const View& full, int64_t G) {
 // One thread per (r, g, c): scale and zero of the group; with write_codes (G % 4 == 0) also its codes.
 // x [R, L, C] (row stride xs), codes [R, nb, C], scale / zero [R, ng, C].
 template <typename TX, typename TS>
-__global__ void quant_groups_kernel(const TX* __restrict__ x, int64_t xs, uint8_t* __restrict__ codes, int64_t cs,
+__global__ void __launch_bounds__(kThreads) quant_groups_kernel(const TX* __restrict__ x, int64_t xs, uint8_t* __restrict__ codes, int64_t cs,
                                     TS* __restrict__ scale, int64_t ss, TS* __restrict__ zero, int64_t zs, Dims d,
                                     bool write_codes, int64_t* status) {
   const int64_t total = d.R * d.ng * d.C;
@@ -70,7 +70,7 @@ __global__ void quant_groups_kernel(const TX* __restrict__ x, int64_t xs, uint8_
 
 // One thread per (r, b, c): the byte of codes b from the stored scale / zero (the groups may change inside it).
 template <typename TX, typename TS>
-__global__ void quant_bytes_kernel(const TX* __restrict__ x, int64_t xs, uint8_t* __restrict__ codes, int64_t cs,
+__global__ void __launch_bounds__(kThreads) quant_bytes_kernel(const TX* __restrict__ x, int64_t xs, uint8_t* __restrict__ codes, int64_t cs,
                                    const TS* __restrict__ scale, int64_t ss, const TS* __restrict__ zero,
                                    int64_t zs, Dims d) {
   const int64_t total = d.R * d.nb * d.C;
@@ -93,7 +93,7 @@ __global__ void quant_bytes_kernel(const TX* __restrict__ x, int64_t xs, uint8_t
 
 // One thread per (r, b, c): the four values of byte b, code * scale + zero, stored in out's dtype.
 template <typename TS, typename TO>
-__global__ void dequant_kernel(const uint8_t* __restrict__ codes, int64_t cs, const TS* __restrict__ scale,
+__global__ void __launch_bounds__(kThreads) dequant_kernel(const uint8_t* __restrict__ codes, int64_t cs, const TS* __restrict__ scale,
                                int64_t ss, const TS* __restrict__ zero, int64_t zs, TO* __restrict__ out,
                                int64_t os, Dims d) {
   const int64_t total = d.R * d.nb * d.C;

@@ -40,7 +40,7 @@ __device__ Acc row_sum(const I* __restrict__ row_ids, const P* __restrict__ row_
 }
 
 template <typename W, typename P, typename I>
-__global__ void soft_embed_kernel(const I* __restrict__ ids, int64_t ids_s0, const P* __restrict__ probs,
+__global__ void __launch_bounds__(kThreads) soft_embed_kernel(const I* __restrict__ ids, int64_t ids_s0, const P* __restrict__ probs,
                                   int64_t probs_s0, const W* __restrict__ weight, int64_t w_s0, int64_t V,
                                   W* __restrict__ out, int64_t out_s0, int64_t B, int64_t k, int64_t D,
                                   double scale, bool float_scale, int64_t* status) {

@@ -16,6 +16,9 @@ namespace {
 constexpr int kMaxUnrolledE = 8;  // larger E runs the generic kernel (runtime loop, scalar loads)
 constexpr int kMergeThreads = 128;  // small blocks spread B = 1 over more SMs
 constexpr int64_t kMaxGridY = 65535;
+// row_means_kernel's block: big blocks for few rows (more loads in flight per SM), else small ones.
+constexpr int kMeanThreadsFew = 1024;
+constexpr int kMeanThreadsMany = 256;
 
 // Tokens in one 16-byte load: 4 fp32 or 8 fp16/bf16.
 template <typename T>
@@ -80,7 +83,7 @@ __device__ __forceinline__ void block_reduce(float& sum, long long& count, int& 
 
 // One block per row (e, b) of x [E, B, V]: means[e, b].
 template <typename T>
-__global__ void row_means_kernel(const T* __restrict__ x, int64_t sE, int64_t sB, int64_t B, int64_t V,
+__global__ void __launch_bounds__(kMeanThreadsFew) row_means_kernel(const T* __restrict__ x, int64_t sE, int64_t sB, int64_t B, int64_t V,
                                  float* __restrict__ means, int64_t msE, int64_t msB, int64_t* status) {
   constexpr int kVec = kVecOf<T>;
   const int64_t e = blockIdx.x / B, b = blockIdx.x % B;
@@ -142,7 +145,7 @@ __device__ __forceinline__ void weights_of_row(const MergeArgs& a, int E, int64_
 // 16 bytes, e.g. V = 151936), are single 16-byte loads; a group at the row ends or in a row of another
 // alignment (contiguous V = 50257) falls back to scalar loads.
 template <typename T, int kE>
-__global__ void merge_kernel(const T* __restrict__ x, MergeArgs a) {
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const T* __restrict__ x, MergeArgs a) {
   constexpr int kVec = kVecOf<T>;
   for (int64_t b = blockIdx.y; b < a.B; b += gridDim.y) {
     const T* rows[kE];
@@ -194,7 +197,7 @@ __global__ void merge_kernel(const T* __restrict__ x, MergeArgs a) {
 
 // Any E: one token per thread, the E means and weights of row b staged in shared memory.
 template <typename T>
-__global__ void merge_kernel_any_e(const T* __restrict__ x, int E, MergeArgs a) {
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel_any_e(const T* __restrict__ x, int E, MergeArgs a) {
   extern __shared__ float s_mw[];  // [2 * E]: means, then weights
   float* s_mean = s_mw;
   float* s_w = s_mw + E;
@@ -212,6 +215,18 @@ __global__ void merge_kernel_any_e(const T* __restrict__ x, int E, MergeArgs a) 
   }
 }
 
+// B == 0 with weights [E]: no row runs the merge kernels, but a bad weight is still an error, as on the CPU.
+__global__ void __launch_bounds__(1) check_weights_kernel(const float* __restrict__ w, int64_t sE, int E,
+                                                          int64_t* status) {
+  for (int e = 0; e < E; ++e) {
+    const float v = w[e * sE];
+    if (!(v >= 0.f && v < ties::kInf)) {
+      flag_error(status, kTiesWeights, e, 0, (long long)__float_as_uint(v));
+      return;
+    }
+  }
+}
+
 int sm_count() {
   int dev = 0, n = 0;
   const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
@@ -226,7 +241,7 @@ void launch(const ties::Dims& d, const View& logits, const View& weights, float 
   float* mo = static_cast<float*>(means.data);
   const int64_t rows = d.E * d.B;
   // Few rows (small B) get big blocks: each block then has more loads in flight on its SM.
-  const int mean_threads = rows < 2 * sm_count() ? 1024 : 256;
+  const int mean_threads = rows < 2 * sm_count() ? kMeanThreadsFew : kMeanThreadsMany;
   row_means_kernel<T><<<unsigned(rows), mean_threads, 0, stream>>>(
       x, logits.stride[0], logits.stride[1], d.B, d.V, mo, means.stride[0], means.stride[1], status);
   check_launch("ties_merge");
@@ -260,7 +275,14 @@ void ties_merge_cuda(const View& logits, const View& weights, float theta, int e
   // Shared memory of the generic kernel holds 2 * E floats; far beyond any real expert count.
   DLMOM_CHECK(d.E <= 4096, "ties_merge", "at most 4096 experts on CUDA, got ", d.E);
   DLMOM_CHECK(d.E * d.B <= INT32_MAX, "ties_merge", "E * B must fit a grid (< 2^31 rows), got ", d.E * d.B);
-  if (d.B == 0) return;
+  if (d.B == 0) {
+    if (d.has_weights && weights.ndim == 1) {
+      check_weights_kernel<<<1, 1, 0, as_stream(stream)>>>(static_cast<const float*>(weights.data), d.wsE, int(d.E),
+                                                           status);
+      check_launch("ties_merge");
+    }
+    return;
+  }
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, "ties_merge",
                        launch<T>(d, logits, weights, theta, elect == 1, means, out, status, as_stream(stream)));
 }

@@ -15,10 +15,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
-#include <stdexcept>
-#include <string>
-#include <unordered_map>
 
 #include "../ops.h"
 #include "../topk_packet.h"
@@ -215,15 +211,19 @@ __global__ void __launch_bounds__(kFinishThreads)
                 int64_t ids_stride, float* __restrict__ probs, int64_t probs_stride,
                 float* __restrict__ entropy, int64_t entropy_stride, int64_t* status) {
   using StateReduce = cub::BlockReduce<OnlineSoftmax, kFinishThreads>;
-  using SumReduce = cub::BlockReduce<float, kFinishThreads>;
-  using Scan = cub::BlockScan<float, kFinishThreads>;
+  // The sums over the k entries run in double, as topk::packet_probs on the CPU: with float sums the mass
+  // before an entry drifts, and at exact ties (k equal probabilities, top_p * k a whole number) the kernel
+  // kept one entry more than the CPU. Double partial sums of equal floats are exact in any order, so the
+  // block's tree order gives the CPU's serial result there (elsewhere it differs by double rounding only).
+  using SumReduce = cub::BlockReduce<double, kFinishThreads>;
+  using Scan = cub::BlockScan<double, kFinishThreads>;
   __shared__ union {
     typename StateReduce::TempStorage state;
     typename SumReduce::TempStorage sum;
     typename Scan::TempStorage scan;
   } tmp;
   __shared__ uint64_t s_cand[kMergeCap];
-  __shared__ float s_total;
+  __shared__ double s_total;
 
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
@@ -260,28 +260,28 @@ __global__ void __launch_bounds__(kFinishThreads)
   // Each thread owns entries j = tid + i * kFinishThreads in every loop below.
   const float m = row_p[0];  // the largest logit
   __syncthreads();  // all have read row_p[0] before it is overwritten
-  float local = 0.0f;
+  double local = 0.0;
   for (int j = tid; j < k; j += kFinishThreads) {
     const float e = topk::tempered_exp(row_p[j], m, temperature);
     row_p[j] = e;
     local += e;
   }
-  float total = SumReduce(tmp.sum).Sum(local);
-  if (tid == 0) s_total = total;
+  const double sum = SumReduce(tmp.sum).Sum(local);
+  if (tid == 0) s_total = sum;
   __syncthreads();
-  total = s_total;
+  const float total = float(s_total);
   for (int j = tid; j < k; j += kFinishThreads) row_p[j] /= total;
   if (!(top_p < 1.0f)) return;
   __syncthreads();  // the scan reads other threads' entries
 
-  float carry = 0.0f, kept_local = 0.0f;  // carry: the mass of the tiles before
+  double carry = 0.0, kept_local = 0.0;  // carry: the mass of the tiles before
   for (int tile = 0; tile < k; tile += kFinishThreads) {
     const int j = tile + tid;
     float p = j < k ? row_p[j] : 0.0f;
-    float incl, tile_sum;
-    Scan(tmp.scan).InclusiveSum(p, incl, tile_sum);
+    double incl, tile_sum;
+    Scan(tmp.scan).InclusiveSum(double(p), incl, tile_sum);
     __syncthreads();  // tmp is reused by the next tile
-    const float before = (carry + incl) - p;  // as the reference: cumsum - probs
+    const float before = float(carry + incl) - p;  // as packet_probs (and the reference): cumsum - probs
     if (j < k) {
       p = topk::topp_keep(before, top_p) ? p : 0.0f;
       row_p[j] = p;
@@ -289,62 +289,16 @@ __global__ void __launch_bounds__(kFinishThreads)
     }
     carry += tile_sum;
   }
-  const float kept = SumReduce(tmp.sum).Sum(kept_local);
+  const double kept = SumReduce(tmp.sum).Sum(kept_local);
   if (tid == 0) s_total = kept;
   __syncthreads();
-  const float kept_all = s_total;
+  const float kept_all = float(s_total);
   for (int j = tid; j < k; j += kFinishThreads) row_p[j] /= kept_all;
 }
 
-// Scratch comes from a memory pool of our own per device, stream-ordered (safe on any stream). The
-// default pool would hand its memory back to the driver at every synchronisation (dlmom.ops synchronises
-// on each call to check the entropy), making every call map fresh memory; ours keeps up to
-// kPoolKeepBytes, and leaves the default pool's settings, which other code may rely on, alone.
-constexpr uint64_t kPoolKeepBytes = 64ull << 20;
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(kOp) + ": " + what + ": " + cudaGetErrorString(err));
-}
-
-cudaMemPool_t scratch_pool() {
-  static std::mutex mutex;
-  static std::unordered_map<int, cudaMemPool_t> pools;
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = pools.find(device);
-  if (found != pools.end()) return found->second;
-  cudaMemPoolProps props = {};
-  props.allocType = cudaMemAllocationTypePinned;
-  props.location.type = cudaMemLocationTypeDevice;
-  props.location.id = device;
-  cudaMemPool_t pool;
-  check_cuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
-  uint64_t keep = kPoolKeepBytes;
-  check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
-             "cudaMemPoolSetAttribute");
-  pools.emplace(device, pool);
-  return pool;
-}
-
-// Stream-ordered scratch, freed on the stream even when a launch check throws.
-struct Scratch {
-  void* ptr = nullptr;
-  cudaStream_t stream;
-  Scratch(size_t bytes, cudaStream_t s) : stream(s) {
-    check_cuda(cudaMallocFromPoolAsync(&ptr, bytes, scratch_pool(), stream), "cudaMallocFromPoolAsync");
-  }
-  ~Scratch() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
 template <typename T>
 void launch(const View& logits, int64_t k, float temperature, float top_p, const View& ids, const View& probs,
-            const View& entropy, int64_t* status, cudaStream_t stream) {
+            const View& entropy, const View& workspace, int64_t* status, cudaStream_t stream) {
   const int64_t B = logits.size[0], V = logits.size[1];
   const int64_t nsplit = (V + kSeg - 1) / kSeg;
   const int64_t kk = std::min<int64_t>(k, kSeg);  // candidates kept per segment
@@ -354,8 +308,7 @@ void launch(const View& logits, int64_t k, float temperature, float top_p, const
   DLMOM_CHECK(items <= INT32_MAX && B * blocks_per_row <= INT32_MAX, kOp, "logits [", B, ", ", V,
               "] are too large for one launch");
 
-  Scratch scratch(size_t(items) * (sizeof(OnlineSoftmax) + size_t(kk) * sizeof(uint64_t)), stream);
-  auto* states = static_cast<OnlineSoftmax*>(scratch.ptr);   // [B, nsplit]
+  auto* states = static_cast<OnlineSoftmax*>(workspace.data);  // [B, nsplit] (checked: large enough)
   auto* cands = reinterpret_cast<uint64_t*>(states + items);  // [B, nsplit, kk]
   auto* ids_p = static_cast<int64_t*>(ids.data);
   auto* probs_p = static_cast<float*>(probs.data);
@@ -375,14 +328,41 @@ void launch(const View& logits, int64_t k, float temperature, float top_p, const
   check_launch(kOp);
 }
 
+// Bytes of the scratch for the segments' states and candidate lists: [B, nsplit] states, then
+// [B, nsplit, min(k, kSeg)] candidates.
+int64_t workspace_bytes(int64_t B, int64_t V, int64_t k) {
+  const int64_t nsplit = (std::max<int64_t>(V, 0) + kSeg - 1) / kSeg;
+  const int64_t kk = std::min<int64_t>(std::max<int64_t>(k, 0), kSeg);
+  return std::max<int64_t>(B, 0) * nsplit * (int64_t(sizeof(OnlineSoftmax)) + kk * int64_t(sizeof(uint64_t)));
+}
+
 }  // namespace
 
+int64_t topk_packet_cuda_workspace_bytes(int64_t B, int64_t V, int64_t k) { return workspace_bytes(B, V, k); }
+
 void topk_packet_cuda(const View& logits, int64_t k, float temperature, float top_p, const View& ids,
-                      const View& probs, const View& entropy, int64_t* status, void* stream) {
+                      const View& probs, const View& entropy, const View& workspace, int64_t* status,
+                      void* stream) {
   topk::check_args(logits, k, temperature, top_p, ids, probs, entropy);
+  // The scratch comes from the caller (dlmom.ops takes it from torch's caching allocator, so it shows in
+  // torch.cuda.memory_* and is reused stream-ordered), as uint8 [>= topk_workspace_bytes(B, V, k)].
+  DLMOM_CHECK(workspace.ndim != 0 || workspace.data != nullptr, kOp, "workspace is required on CUDA: a uint8 "
+              "tensor of topk_workspace_bytes(B, V, k) bytes on the logits' device (dlmom.ops passes one)");
+  check_view(workspace, kOp, "workspace", 1);
+  check_dtype(workspace, DType::u8, kOp, "workspace");
+  const int64_t need = workspace_bytes(logits.size[0], logits.size[1], k);
+  DLMOM_CHECK(workspace.size[0] >= need, kOp, "workspace must hold at least ", need, " bytes, got ",
+              workspace.size[0]);
+  DLMOM_CHECK(need == 0 || (reinterpret_cast<uintptr_t>(workspace.data) & 15u) == 0, kOp,
+              "workspace must be 16-byte aligned");
+  check_disjoint(workspace, "workspace", logits, "logits", kOp);
+  check_disjoint(workspace, "workspace", ids, "ids", kOp);
+  check_disjoint(workspace, "workspace", probs, "probs", kOp);
+  check_disjoint(workspace, "workspace", entropy, "entropy", kOp);
   if (logits.size[0] == 0) return;
   DLMOM_DISPATCH_FLOAT(logits.dtype, T, kOp,
-                       launch<T>(logits, k, temperature, top_p, ids, probs, entropy, status, as_stream(stream)));
+                       launch<T>(logits, k, temperature, top_p, ids, probs, entropy, workspace, status,
+                                 as_stream(stream)));
 }
 
 }  // namespace dlmom

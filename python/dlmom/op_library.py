@@ -226,7 +226,10 @@ def run_topk_packet(x, k: int, temperature: float, top_p: float):
     probs = torch.empty(B, k, dtype=torch.float32, device=x.device)
     entropy = torch.empty(B, dtype=torch.float32, device=x.device)
     t, p = reference.topk_params(temperature, top_p)
-    run(mod, x, "topk_packet", x, k, t, p, ids, probs, entropy)
+    # CUDA scratch from torch's caching allocator (visible to torch.cuda.memory_*, reused stream-ordered).
+    scratch = (torch.empty(mod.topk_workspace_bytes(B, x.shape[1], k), dtype=torch.uint8, device=x.device),) \
+        if x.is_cuda else ()
+    run(mod, x, "topk_packet", x, k, t, p, ids, probs, entropy, *scratch)
     return ids, probs, entropy
 
 

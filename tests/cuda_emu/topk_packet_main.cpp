@@ -1,0 +1,129 @@
+// csrc/cuda/topk_packet.cu run emulated (cuda_emu.h) against the CPU kernel (csrc/cpu/topk_packet.cpp, linked in):
+// the same ids, probs to 1e-6 (bit for bit at exact ties), entropy to 1e-5, and the device error record for a bad
+// row. Covers the three kernels and their paths: filtered and whole-segment sorts, the shared-memory merge and
+// the rank merge, one and several scan tiles. Prints one line per case; exit status 1 when any fails.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+using dlmom::DType;
+using dlmom::View;
+
+static int failures = 0;
+static void report(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok" : "FAIL", what.c_str());
+  std::fflush(stdout);
+  failures += !ok;
+}
+
+static View view(void* p, DType t, std::vector<int64_t> sizes) {
+  View v;
+  v.data = p;
+  v.dtype = t;
+  v.ndim = int(sizes.size());
+  int64_t st = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.size[i] = sizes[size_t(i)];
+    v.stride[i] = st;
+    st *= sizes[size_t(i)];
+  }
+  return v;
+}
+
+struct Packet {
+  std::vector<int64_t> ids;
+  std::vector<float> probs, entropy;
+  std::vector<int64_t> status = std::vector<int64_t>(4, 0);
+  std::string error;
+};
+
+template <typename T>
+static Packet run(bool cuda, std::vector<T>& x, int64_t B, int64_t V, int64_t k, float temperature, float top_p) {
+  Packet p;
+  p.ids.assign(size_t(B * k), -1);
+  p.probs.assign(size_t(B * k), -1.f);
+  p.entropy.assign(size_t(B), -1.f);
+  const DType dt = std::is_same_v<T, float> ? DType::f32 : std::is_same_v<T, dlmom::bf16> ? DType::bf16 : DType::f16;
+  const View xv = view(x.data(), dt, {B, V}), iv = view(p.ids.data(), DType::i64, {B, k}),
+             pv = view(p.probs.data(), DType::f32, {B, k}), ev = view(p.entropy.data(), DType::f32, {B});
+  try {
+    if (cuda) {
+      std::vector<unsigned char> ws(size_t(dlmom::topk_packet_cuda_workspace_bytes(B, V, k)) + 16);
+      unsigned char* w = ws.data() + ((16 - (reinterpret_cast<uintptr_t>(ws.data()) & 15)) & 15);
+      dlmom::topk_packet_cuda(xv, k, temperature, top_p, iv, pv, ev,
+                              view(w, DType::u8, {dlmom::topk_packet_cuda_workspace_bytes(B, V, k)}), p.status.data(),
+                              nullptr);
+    } else {
+      dlmom::topk_packet_cpu(xv, k, temperature, top_p, iv, pv, ev);
+    }
+  } catch (const std::exception& e) {
+    p.error = e.what();
+  }
+  return p;
+}
+
+template <typename T>
+static void compare(const std::string& name, std::vector<T> x, int64_t B, int64_t V, int64_t k, float temperature,
+                    float top_p, bool exact = false) {
+  const Packet g = run(true, x, B, V, k, temperature, top_p), c = run(false, x, B, V, k, temperature, top_p);
+  bool ok = g.error.empty() && c.error.empty() && g.status[0] == 0 && g.ids == c.ids;
+  double dp = 0, de = 0;
+  for (size_t i = 0; i < g.probs.size(); ++i) dp = std::max(dp, double(std::fabs(g.probs[i] - c.probs[i])));
+  for (size_t i = 0; i < g.entropy.size(); ++i) de = std::max(de, double(std::fabs(g.entropy[i] - c.entropy[i])));
+  ok = ok && (exact ? dp == 0 : dp <= 1e-6) && de <= 1e-5;
+  int kept = 0;
+  for (int64_t j = 0; j < k; ++j) kept += g.probs[size_t(j)] > 0;
+  report(ok, "topk " + name + " B=" + std::to_string(B) + " V=" + std::to_string(V) + " k=" + std::to_string(k) +
+                 ": max |dprobs| " + std::to_string(dp) + ", |dentropy| " + std::to_string(de) + ", row 0 keeps " +
+                 std::to_string(kept) + (g.error.empty() ? "" : " cuda error: " + g.error) +
+                 (c.error.empty() ? "" : " cpu error: " + c.error) +
+                 (g.status[0] ? " status " + std::to_string(g.status[0]) : ""));
+}
+
+static std::vector<float> randn(int64_t n, unsigned seed, float scale = 3.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = scale * normal(rng);
+  return x;
+}
+template <typename T>
+static std::vector<T> as(const std::vector<float>& x) {
+  std::vector<T> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = dlmom::from_float<T>(x[i]);
+  return y;
+}
+
+int main() {
+  compare("random", randn(3 * 5000, 1), 3, 5000, 50, 0.7f, 0.9f);
+  compare("random k=1", randn(2 * 5000, 2), 2, 5000, 1, 1.0f, 1.0f);
+  compare("random bf16", as<dlmom::bf16>(randn(2 * 4999, 3)), 2, 4999, 50, 0.7f, 0.95f);
+  compare("random fp16 short row", as<dlmom::f16>(randn(3 * 7, 4)), 3, 7, 7, 1.0f, 0.9f);
+  compare("k=2049 (whole-segment sorts, 3 scan tiles)", randn(2 * 5000, 5), 2, 5000, 2049, 1.0f, 0.9f);
+  compare("k=3000 (rank merge)", randn(1 * 20000, 6), 1, 20000, 3000, 1.0f, 0.9f);
+  // Exact ties: 50 equal probabilities and top_p 0.8 keep 40 on the CPU (double sums); float sums kept 41.
+  std::vector<float> ties(static_cast<size_t>(2 * 1000), 0.f);
+  for (size_t i = 0; i < ties.size(); i += 2) ties[i] = 1.f;
+  compare("exact ties top_p 0.8", ties, 2, 1000, 50, 0.5f, 0.8f, /*exact=*/true);
+  std::vector<float> ties2(static_cast<size_t>(20000), 0.f);
+  for (size_t i = 0; i < ties2.size(); i += 2) ties2[i] = 1.f;
+  compare("exact ties k=3000 top_p 0.5 (rank merge, 3 tiles)", ties2, 1, 20000, 3000, 0.5f, 0.5f, true);
+  // Finite logits more than FLT_MAX apart, in different thread items / segments: entropy 0, not NaN.
+  std::vector<float> ext = randn(3 * 9000, 7);
+  ext[3] = -3e38f, ext[4500] = 3e38f;                 // row 0: different segments
+  ext[9000 + 1] = -3e38f, ext[9000 + 17] = 3e38f;     // row 1: different threads of one segment
+  ext[18000 + 0] = -3.4028235e38f, ext[18000 + 8999] = 3.4028235e38f;
+  compare("finite logits beyond FLT_MAX apart", ext, 3, 9000, 8, 0.7f, 0.9f);
+  // A NaN row: recorded as (2, row) on the device; the CPU raises.
+  std::vector<float> bad = randn(3 * 300, 8);
+  bad[2 * 300 + 5] = NAN;
+  const Packet g = run(true, bad, 3, 300, 4, 1.f, 1.f);
+  report(g.status[0] == 2 && g.status[1] == 2 && std::isnan(g.entropy[2]) && !std::isnan(g.entropy[0]),
+         "topk records a NaN row as (code 2, row 2): status " + std::to_string(g.status[0]) + ", " +
+             std::to_string(g.status[1]));
+  return failures ? 1 : 0;
+}
