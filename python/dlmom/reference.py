@@ -76,7 +76,9 @@ def topk_packet(logits: torch.Tensor, k: int, *, temperature: float = 1.0, top_p
         # is inf for a subnormal temperature (and 0 * inf NaN).
         probs = torch.softmax((vals - vals[..., :1]) / torch.full_like(vals, t), dim=-1)
         if top_p < 1.0:
-            before = torch.cumsum(probs, dim=-1) - probs
+            # The mass before each entry summed in double (torch's CPU cumsum does; on CUDA it sums float32,
+            # which keeps one entry more at exact ties than the kernels, whose top-p sums are double).
+            before = torch.cumsum(probs.double(), dim=-1).float() - probs
             probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
             probs = probs / probs.sum(-1, keepdim=True)
     return Packet(ids, probs, entropy_normalised(x))
