@@ -7,30 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "ops.h"
-
-using dlmom::DType;
-using dlmom::View;
-
-static int failures = 0;
-static void report(bool ok, const std::string& what) {
-  std::printf("%s %s\n", ok ? "ok" : "FAIL", what.c_str());
-  failures += !ok;
-}
-
-static View view(void* p, DType t, std::vector<int64_t> sizes, std::vector<int64_t> strides = {}) {
-  View v;
-  v.data = p;
-  v.dtype = t;
-  v.ndim = int(sizes.size());
-  int64_t st = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.size[i] = sizes[size_t(i)];
-    v.stride[i] = strides.empty() ? st : strides[size_t(i)];
-    st *= sizes[size_t(i)];
-  }
-  return v;
-}
+#include "case_main.h"
 
 template <typename W>
 static void case_random(const char* name, int64_t B, int64_t k, int64_t V, int64_t D, int64_t w_stride, double scale,

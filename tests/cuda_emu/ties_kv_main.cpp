@@ -8,31 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "ops.h"
-
-using dlmom::DType;
-using dlmom::View;
-
-static int failures = 0;
-static void report(bool ok, const std::string& what) {
-  std::printf("%s %s\n", ok ? "ok" : "FAIL", what.c_str());
-  std::fflush(stdout);
-  failures += !ok;
-}
-
-static View view(void* p, DType t, std::vector<int64_t> sizes) {
-  View v;
-  v.data = p;
-  v.dtype = t;
-  v.ndim = int(sizes.size());
-  int64_t st = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.size[i] = sizes[size_t(i)];
-    v.stride[i] = st;
-    st *= sizes[size_t(i)];
-  }
-  return v;
-}
+#include "case_main.h"
 static View none() { return View{}; }
 
 static std::vector<float> randn(int64_t n, unsigned seed, float scale = 2.f) {
