@@ -55,6 +55,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--methods", default="single,text-mas,dlmom", metavar="LIST",
                    help="comma-separated methods (default single,text-mas,dlmom; see below)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N items")
+    p.add_argument("--split", metavar="NAME", help='only the items whose "split" field is NAME (data/dev\'s files '
+                   'hold dev and test items: develop on --split dev)')
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="per answer (default 256)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="items per call of a method (default 1)")
     p.add_argument("--expert", type=int, metavar="I", help="which expert single runs (default 0)")
@@ -111,7 +113,7 @@ def _checked(args: argparse.Namespace):
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
     try:
-        items = read_items(args.task, args.data, limit=args.limit)
+        items = read_items(args.task, args.data, limit=args.limit, split=args.split)
     except OSError as err:
         raise OSError(f"argument --data: cannot read {args.data}: {err.strerror or err}") from None
     records.read(args.out, settings=None, items={i.id: i.fingerprint() for i in items})

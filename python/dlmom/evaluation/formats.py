@@ -121,10 +121,12 @@ def _jsonl(line: _Line) -> Item:
 _READERS = {"gsm8k": _gsm8k, "humaneval": _humaneval, "jsonl": _jsonl}
 
 
-def read_items(task: str, path: str | os.PathLike, *, limit: int | None = None) -> list[Item]:
-    """The items of ``path`` in the format of ``task`` (one of TASKS), in file order; the first ``limit``
-    when given. ValueError naming the file and line for a line that is not a valid item, or for an id
-    seen twice."""
+def read_items(task: str, path: str | os.PathLike, *, limit: int | None = None, split: str | None = None
+               ) -> list[Item]:
+    """The items of ``path`` in the format of ``task`` (one of TASKS), in file order; with ``split`` only the
+    lines whose ``"split"`` field is that name (data/dev's files hold "dev" and "test" items); the first
+    ``limit`` when given. ValueError naming the file and line for a line that is not a valid item, that has
+    no ``"split"`` field when one is asked for, or for an id seen twice."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -148,11 +150,16 @@ def read_items(task: str, path: str | os.PathLike, *, limit: int | None = None) 
             if not isinstance(obj, dict):
                 raise line.fail(f"expected a JSON object, got {type(obj).__name__}")
             line.obj = obj
+            if split is not None:
+                if "split" not in obj:
+                    raise line.fail(f'has no "split" field (asked for split {split!r})')
+                if obj["split"] != split:
+                    continue
             item = _READERS[task](line)
             if item.id in seen:
                 raise line.fail(f"item id {item.id!r} already used on line {seen[item.id]}")
             seen[item.id] = number
             items.append(item)
     if not items:
-        raise ValueError(f"{path}: no items (an empty file?)")
+        raise ValueError(f"{path}: no items" + (f" of split {split!r}" if split is not None else " (an empty file?)"))
     return items
