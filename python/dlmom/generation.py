@@ -165,10 +165,11 @@ class Generation:
                                    switches=switches[b], bus_bytes=bus[b])
                       for b in range(self.batch)]
         # One cache holds the rows of every role of a model, padded to one length: split evenly among its roles.
-        cache = {e.name: runner.peak_cache_bytes() // runner.roles for runner in self.runners for e in runner.experts}
+        cache = [{"cache_bytes": runner.peak_cache_bytes() // runner.roles} for runner in self.runners
+                 for _ in runner.experts]
         usage = batch_usage("dlmom", per_prompt, wall_s=wall,
-                            expert_forward_s=sum(runner.forward_s for runner in self.runners), kv=self.config.kv,
-                            cache_bytes=cache, bridge_resyncs=self.bus.resyncs)
+                            expert_forward_s=sum(runner.forward_s for runner in self.runners), per_expert=cache,
+                            kv=self.config.kv, bridge_resyncs=self.bus.resyncs)
         return Results([Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], per_prompt[b])
                         for b in range(self.batch)], usage)
 

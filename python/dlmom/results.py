@@ -55,19 +55,19 @@ def prompt_usage(method: str, experts: list[dict], *, wall_s: float, generated_t
             "bus_bytes": bus_bytes, "wall_s": wall_s, "experts": experts}
 
 
-def batch_usage(method: str, per_prompt: list[dict], *, wall_s: float, expert_forward_s: float, **extra) -> dict:
-    """The batch's totals from its prompts' usage: every count summed (per expert too), the call's wall and
-    expert-forward seconds, and ``extra`` (e.g. the KV cache mode and per-expert cache bytes)."""
-    experts: dict[str, dict] = {}
-    for usage in per_prompt:
-        for e in usage["experts"]:
-            total = experts.setdefault(e["expert"], {"expert": e["expert"]})
-            for key, value in e.items():
-                if key != "expert":
-                    total[key] = total.get(key, 0) + value
+def batch_usage(method: str, per_prompt: list[dict], *, wall_s: float, expert_forward_s: float,
+                per_expert: list[dict] | None = None, **extra) -> dict:
+    """The batch's totals from its prompts' usage: every count summed, per expert too (by position: every
+    prompt lists the same experts in the same order, and two experts may share a name), with ``per_expert``'s
+    entries added to each expert's (e.g. its cache bytes); the call's wall and expert-forward seconds, and
+    ``extra`` (e.g. the KV cache mode)."""
+    experts = [{"expert": same[0]["expert"], **{key: sum(e[key] for e in same) for key in same[0] if key != "expert"}}
+               for same in zip(*(u["experts"] for u in per_prompt))]
+    for total, more in zip(experts, per_expert or []):
+        total.update(more)
     totals = {key: sum(u[key] for u in per_prompt) for key in _PER_PROMPT}
     return {"method": method, "prompts": len(per_prompt), **totals, "wall_s": wall_s,
-            "expert_forward_s": expert_forward_s, "experts": list(experts.values()), **extra}
+            "expert_forward_s": expert_forward_s, "experts": experts, **extra}
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
