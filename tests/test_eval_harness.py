@@ -75,6 +75,22 @@ def test_api_runs_every_method_on_every_item_and_resumes_without_redoing(roles, 
     assert calls.calls == [] and again.records == ev.records and len(lines(out)) == 12
 
 
+def test_bracket_settings_make_variants_of_one_method(roles, gsm8k, tmp_path):
+    # Two dlmom variants in one run: each its own records (with usage and trace), paired against the baselines.
+    methods = "single,dlmom:explicit[gate=1.0],dlmom[controller=explicit,consensus=contrastive,contrast=0.0]"
+    ev = evaluate("gsm8k", gsm8k, roles, methods, max_new_tokens=5, config=CONFIG, seed=0)
+    names = [m.strip() for m in ("single", "dlmom:explicit[gate=1.0]",
+                                 "dlmom[controller=explicit,consensus=contrastive,contrast=0.0]")]
+    assert list(ev.summary["methods"]) == names
+    by = {(r["item"], r["method"]): r for r in ev.records}
+    for i in range(1, 4):
+        gated = by[(f"line-{i}", names[1])]
+        assert gated["usage"]["merged_steps"] == 0 and len(gated["trace"]) == gated["usage"]["generated_tokens"]
+        assert all(not t["merged"] and t["mode"] in ("preview", "explicit") for t in gated["trace"])
+        assert [t["agent"] for t in by[(f"line-{i}", "single")]["trace"]] == ["role0"]  # a baseline: its agents
+    assert [(p["a"], p["b"]) for p in ev.summary["paired"]] == [(names[1], "single"), (names[2], "single")]
+
+
 def test_resume_after_an_interruption(roles, gsm8k, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     Calls(monkeypatch, interrupt_at=4)
@@ -218,6 +234,8 @@ def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
     ([GSM8K[0], {"question": "Why?"}], [], r"d.jsonl, line 2: missing the field 'answer'"),
     ([GSM8K[0]], ["--methods", "single,debate"], r"argument --methods: 'debate' is not one of"),
     ([GSM8K[0]], ["--methods", "dlmom:slow"], r"argument --methods: 'dlmom:slow': controller must be one of"),
+    ([GSM8K[0]], ["--methods", "dlmom[gate=2]"], r"argument --methods: 'dlmom\[gate=2\]': gate must be a number"),
+    ([GSM8K[0]], ["--methods", "dlmom[gates=1]"], r"expected FIELD=VALUE with a DLMoMConfig field, got 'gates=1'"),
     ([GSM8K[0]], ["--limit", "0"], r"argument --limit: must be an integer >= 1"),
     ([GSM8K[0]], ["--top-k", "0"], r"argument --top-k"),
     ([GSM8K[0]], ["--timeout", "nan"], r"argument --timeout"),

@@ -40,13 +40,13 @@ def tokenizer(kind: str = "bytes", vocab_size: int = 300):
     return tok
 
 
-def llama(tok, *, seed: int = 0, extra_rows: int = 0, dtype=torch.float32):
-    """A 2-layer Llama with hidden 64 for ``tok`` (embedding padded by ``extra_rows``)."""
+def llama(tok, *, seed: int = 0, extra_rows: int = 0, dtype=torch.float32, layers: int = 2):
+    """A ``layers``-layer Llama with hidden 64 for ``tok`` (embedding padded by ``extra_rows``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok) + extra_rows, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
     return LlamaForCausalLM(config).to(dtype).eval()

@@ -122,9 +122,12 @@ class Controller:
             return LATENT, f"entropy flat and high (mean {mean:.3f})"
         return EXPLICIT, f"entropy flat and low (mean {mean:.3f})"
 
-    def step(self, entropy: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, entropy: torch.Tensor, active: torch.Tensor | None = None,
+             explicit: torch.Tensor | None = None) -> torch.Tensor:
         """Modes [B] (EXPLICIT / LATENT) for this step, given its normalised entropies [B].
-        Rows where ``active`` is False (finished) are left untouched."""
+        Rows where ``active`` is False (finished) are left untouched. Rows where ``explicit`` is True (the
+        consensus gate kept the lead expert alone) write an explicit token this step whatever their mode;
+        their mode and its blocks go on as before, and the step does not count as latent."""
         values = entropy.detach().float().cpu().tolist()
         act = [True] * len(values) if active is None else active.cpu().tolist()
         for row, h in enumerate(values):
@@ -144,6 +147,8 @@ class Controller:
             if self.mode[row] == LATENT and self.latent_steps[row] >= self.max_latent_steps:
                 self._lock(row, f"latent cap {self.max_latent_steps} reached")
         modes = self.mode.clone()
+        if explicit is not None:
+            modes[explicit.cpu()] = EXPLICIT
         self.latent_steps += (modes == LATENT).long() * torch.tensor(act, dtype=torch.long)
         self.step_index += 1
         return modes

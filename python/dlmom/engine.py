@@ -93,6 +93,9 @@ class DLMoM:
         self.groups = list(by_model.values())
         self.experts = [e for group in self.groups for e in group]
         self.primary = experts[0]
+        # The default lead expert: the most parameters, the first listed on ties (consensus.py).
+        sizes = [sum(p.numel() for p in e.model.parameters()) for e in self.experts]
+        self.largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
         key = self.primary.vocab_key()
         # A group with another tokenizer is fed over the Text-Bridge; its logits meet through an alignment.
         self.bridged = [group[0].vocab_key() != key for group in self.groups]

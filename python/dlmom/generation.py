@@ -49,6 +49,8 @@ class Generation:
         self.preview = Preview(self.runners, self.bridged, self.batch, chat=cfg.chat, top_m=cfg.top_m,
                                tokens=cfg.preview_tokens if len(self.experts) > 1 else 0)
         self.weights: torch.Tensor | None = None  # [E, B] consensus weights, set by the router
+        self.lead = torch.full((self.batch,), moe.largest, dtype=torch.long)  # [B] each prompt's lead expert
+        self.merged_steps = torch.zeros(self.batch, dtype=torch.long)  # steps the consensus engaged (gate open)
         self.routes: list[list[dict]] = [[] for _ in prompts]
         self.k = min(cfg.top_k, self.primary.vocab_size)
         self.noise_strength = cfg.noise_strength or DEFAULT_NOISE_STRENGTH.get(cfg.noise, 0.0)
@@ -97,10 +99,12 @@ class Generation:
         """One decode step from the runners' logits; the next logits, or None when the generation is done."""
         cfg, bus, done = self.config, self.bus, self.transcripts.finished
         stacked = bus.stack(logits)  # [E, B, V]
-        merged = consensus.merge(stacked, theta=cfg.theta, elect=cfg.elect, weights=self.weights)
+        merged, alone = consensus.combine(stacked, self.lead, self.weights, cfg)
         packet = topk_packet(merged, self.k, temperature=cfg.temperature, top_p=cfg.top_p)
         in_preview = self.preview.active(step)
-        modes, switched = self.decide(packet, in_preview)
+        alone = alone.cpu()
+        self.merged_steps += (~alone & ~done).long()
+        modes, switched = self.decide(packet, in_preview, alone)
         token = choose_token(packet, sample=cfg.do_sample and not in_preview, rng=self.rng)
         latent = (modes == LATENT).to(packet.ids.device)
         feed_ids, feed_probs = shape_feed(packet, token, latent, noise=cfg.noise, strength=self.noise_strength,
@@ -109,7 +113,7 @@ class Generation:
         if in_preview:
             self.preview.observe(logits, token, done)
         self.record(step, packet, token, latent, consensus.agreement(stacked, packet.ids[:, 0], self.weights),
-                    switched, step_bytes, "preview" if in_preview else None)
+                    switched, step_bytes, "preview" if in_preview else None, alone)
         raise_pending_errors(self.primary.device)  # a CUDA kernel's value error, once per step (record synced)
         keep = (~done).expand(len(self.experts), self.batch)  # rows of finished prompts leave the batch
         if in_preview and self.preview.ends_at(step):
@@ -123,28 +127,30 @@ class Generation:
 
     # ---- one step's pieces ----
 
-    def decide(self, packet, in_preview: bool) -> tuple[torch.Tensor, dict[int, str]]:
-        """Modes [B] (EXPLICIT / LATENT) and, per prompt that switched, the reason."""
+    def decide(self, packet, in_preview: bool, alone: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+        """Modes [B] (EXPLICIT / LATENT) and, per prompt that switched, the reason. A row the gate kept with the
+        lead alone (``alone`` [B]) writes an explicit token."""
         if in_preview:  # the preview is written in explicit tokens
             return torch.full((self.batch,), EXPLICIT, dtype=torch.long), {}
         seen = len(self.controller.events)
-        modes = self.controller.step(packet.entropy, active=~self.transcripts.finished)
+        modes = self.controller.step(packet.entropy, active=~self.transcripts.finished, explicit=alone)
         return modes, {e.row: f"to {e.to}: {e.reason}" for e in self.controller.events[seen:]}
 
     def record(self, step: int, packet, token: torch.Tensor, latent: torch.Tensor, agree: torch.Tensor,
-               switched: dict[int, str], step_bytes: list[int], mode: str | None) -> None:
+               switched: dict[int, str], step_bytes: list[int], mode: str | None, alone: torch.Tensor) -> None:
         """Trace and text of every running prompt; a latent step shows the top-1 token of its packet."""
         token_list, top1_list, is_latent = token.tolist(), packet.ids[:, 0].tolist(), latent.tolist()
         top_ids, top_probs = packet.ids[:, :5].tolist(), packet.probs[:, :5].tolist()
         entropy, agreement = packet.entropy.tolist(), agree.tolist()
-        switches = self.controller.switches.tolist()
+        switches, merged = self.controller.switches.tolist(), (~alone).tolist()
         for b in range(self.batch):
             if self.transcripts.finished[b]:
                 continue
             self.transcripts.record(b, step=step, mode=mode or ("latent" if is_latent[b] else "explicit"),
                                     out=top1_list[b] if is_latent[b] else token_list[b], entropy=entropy[b],
                                     top_ids=top_ids[b], top_probs=top_probs[b], agreement=agreement[b],
-                                    switches=switches[b], bus_bytes=step_bytes[b], switch=switched.get(b))
+                                    switches=switches[b], bus_bytes=step_bytes[b], switch=switched.get(b),
+                                    merged=merged[b])
 
     def route(self) -> torch.Tensor:
         """At the preview's end: the router's weights for the consensus; returns the rows it keeps [E, B]."""
@@ -153,16 +159,19 @@ class Generation:
         for b, rec in enumerate(records):
             self.routes[b].extend(rec)
         self.weights = weights.to(self.primary.device)
+        best = torch.argmax(weights, dim=0)  # the first of equal bests
+        dropped = ~kept[self.lead, torch.arange(self.batch)]
+        self.lead = torch.where(dropped | (self.config.lead == "router"), best, self.lead)
         return kept.cpu()
 
     def results(self) -> Results:
         """One Result per prompt with its own usage; the batch's totals on the list."""
         wall = time.perf_counter() - self.start
         latent, switches = self.controller.latent_steps.tolist(), self.controller.switches.tolist()
-        bus = self.bus.bytes.tolist()
+        bus, merged = self.bus.bytes.tolist(), self.merged_steps.tolist()
         per_prompt = [prompt_usage("dlmom", self.expert_usage(b), wall_s=wall,
                                    generated_tokens=len(self.transcripts.traces[b]), latent_steps=latent[b],
-                                   switches=switches[b], bus_bytes=bus[b])
+                                   switches=switches[b], bus_bytes=bus[b], merged_steps=merged[b])
                       for b in range(self.batch)]
         # One cache holds the rows of every role of a model, padded to one length: split evenly among its roles.
         cache = [{"cache_bytes": runner.peak_cache_bytes() // runner.roles} for runner in self.runners

@@ -38,20 +38,21 @@ class Results(list):
 
 
 _PER_PROMPT = ("tokens", "prefill_tokens", "shared_prefill_tokens", "decode_tokens", "generated_tokens", "latent_steps",
-               "switches", "bus_bytes")
+               "merged_steps", "switches", "bus_bytes")
 
 
 def prompt_usage(method: str, experts: list[dict], *, wall_s: float, generated_tokens: int, latent_steps: int = 0,
-                 switches: int = 0, bus_bytes: int = 0) -> dict:
+                 merged_steps: int = 0, switches: int = 0, bus_bytes: int = 0) -> dict:
     """One prompt's usage. ``experts``: per expert this prompt's ``prefill_tokens`` (computed),
     ``shared_prefill_tokens`` (taken from a prefix another role computed; optional) and ``decode_tokens``
     (one per row per decode forward). ``tokens`` = prefill + decode over every expert: what the forwards
-    processed for this prompt. ``wall_s``: the whole call's wall time (the prompt's latency in its batch)."""
+    processed for this prompt. ``merged_steps``: steps where the consensus engaged (not the gated lead alone). ``wall_s``: the whole call's wall time (the prompt's latency in its batch)."""
     prefill = sum(e["prefill_tokens"] for e in experts)
     decode = sum(e["decode_tokens"] for e in experts)
     return {"method": method, "tokens": prefill + decode, "prefill_tokens": prefill,
             "shared_prefill_tokens": sum(e.get("shared_prefill_tokens", 0) for e in experts), "decode_tokens": decode,
-            "generated_tokens": generated_tokens, "latent_steps": latent_steps, "switches": switches,
+            "generated_tokens": generated_tokens, "latent_steps": latent_steps, "merged_steps": merged_steps,
+            "switches": switches,
             "bus_bytes": bus_bytes, "wall_s": wall_s, "experts": experts}
 
 
@@ -95,11 +96,12 @@ class Transcripts:
         return [None if self.finished[b] else s[-1] if s else None for b, s in enumerate(self.shown)]
 
     def record(self, b: int, *, step: int, mode: str, out: int, entropy: float, top_ids: list[int],
-               top_probs: list[float], agreement: float, switches: int, bus_bytes: int, switch: str | None) -> None:
+               top_probs: list[float], agreement: float, switches: int, bus_bytes: int, switch: str | None,
+               merged: bool) -> None:
         """Add one step of prompt ``b`` (``out``: the token its text shows) and update its text."""
         record = {"step": step, "mode": mode, "entropy": entropy, "id": out, "token": self.decode([out]),
                   "top": [[self.decode([i]), round(p, 4)] for i, p in zip(top_ids, top_probs)],
-                  "agreement": agreement, "switches": switches, "bus_bytes": bus_bytes}
+                  "agreement": agreement, "merged": merged, "switches": switches, "bus_bytes": bus_bytes}
         if switch is not None:
             record["switch"] = switch
         self.traces[b].append(record)

@@ -76,6 +76,9 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
     return Evaluation(kept, summary)
 
 
+_USAGE = ("generated_tokens", "latent_steps", "merged_steps", "switches", "bus_bytes", "experts")
+
+
 def _model_name(expert) -> str:
     return str(getattr(getattr(expert.model, "config", None), "_name_or_path", "") or type(expert.model).__name__)
 
@@ -132,6 +135,10 @@ class _Run:
                       "tokens": result.usage["tokens"] if result else None,
                       "wall_s": wall / len(items), "batch": len(items), "settings": self.settings,
                       "item_sha": item.fingerprint()}
+            if result is not None:  # what the trace view and the findings read
+                record["usage"] = {k: result.usage[k] for k in _USAGE if k in result.usage}
+                if result.trace:
+                    record["trace"], record["route"] = result.trace, result.route
             if result is None:
                 verdict = {}
             elif self.pool is not None:

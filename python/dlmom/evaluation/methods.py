@@ -1,9 +1,12 @@
 """The methods an evaluation compares, named as on the command line: any of dlmom.baselines.METHODS, with
-``dlmom:<controller>`` for DL-MoM under another controller (``dlmom:latent``) and ``single:<i>`` for expert
-i alone. Every method runs through ``dlmom.baselines.run``, so a method added there is one here too."""
+``dlmom:<controller>`` for DL-MoM under another controller (``dlmom:latent``), ``single:<i>`` for expert
+i alone, and settings of its own in brackets for any method: ``dlmom[gate=0.1,consensus=contrastive]`` or
+``dlmom:explicit[contrast=0.5]`` (DLMoMConfig fields, over the run's). Every method runs through
+``dlmom.baselines.run``, so a method added there is one here too."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from .. import baselines
 from ..engine import DLMoMConfig
@@ -17,13 +20,17 @@ class Method:
     base: str
     controller: str | None = None
     expert: int | None = None
+    overrides: tuple = ()  # (field, value) pairs of DLMoMConfig from the brackets
 
     @property
     def is_dlmom(self) -> bool:
         return self.base == "dlmom"
 
     def config(self, config: DLMoMConfig) -> DLMoMConfig:
-        return dataclasses.replace(config, controller=self.controller) if self.controller else config
+        changes = dict(self.overrides)
+        if self.controller:
+            changes["controller"] = self.controller
+        return dataclasses.replace(config, **changes) if changes else config
 
     def run(self, experts, prompts: list[str], *, max_new_tokens: int, config: DLMoMConfig, seed: int | None,
             expert: int | None = None) -> list:
@@ -37,7 +44,7 @@ class Method:
 def parse_methods(spec: str | list[str], *, experts: int) -> list[Method]:
     """Methods from ``"single,text-mas,dlmom:latent"`` (or a list of names); ``experts``: how many there are,
     for ``single:<i>``. ValueError naming the bad entry."""
-    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in _split(spec)] if isinstance(spec, str) else list(spec)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"methods: expected a comma-separated list of {', '.join(baselines.METHODS)}, got {spec!r}")
     methods = [_method(n, experts) for n in names]
@@ -48,7 +55,45 @@ def parse_methods(spec: str | list[str], *, experts: int) -> list[Method]:
     return methods
 
 
+def _split(spec: str) -> list[str]:
+    """``spec`` split at the commas outside brackets."""
+    return [part for part in re.split(r",(?![^\[]*\])", spec)]
+
+
+def _value(text: str):
+    """A bracket setting's value: none, true / false, an integer, a number, or the text itself."""
+    low = text.strip().lower()
+    if low in ("none", "true", "false"):
+        return {"none": None, "true": True, "false": False}[low]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _overrides(name: str, inner: str) -> tuple:
+    pairs = []
+    for part in filter(None, (p.strip() for p in inner.split(","))):
+        field, eq, value = part.partition("=")
+        if not eq or field.strip() not in DLMoMConfig.__dataclass_fields__:
+            raise ValueError(f"methods: {name!r}: expected FIELD=VALUE with a DLMoMConfig field, got {part!r}")
+        pairs.append((field.strip(), _value(value)))
+    try:
+        DLMoMConfig(**dict(pairs))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"methods: {name!r}: {str(err).removeprefix('DLMoMConfig: ')}") from None
+    return tuple(pairs)
+
+
 def _method(name: str, experts: int) -> Method:
+    head, bracket, inner = name.partition("[")
+    if bracket:
+        if not inner.endswith("]"):
+            raise ValueError(f"methods: {name!r}: a bracket must close at the end of the name")
+        overrides = _overrides(name, inner[:-1])
+        return dataclasses.replace(_method(head, experts), name=name, overrides=overrides)
     base, _, suffix = name.partition(":")
     if base not in baselines.METHODS:
         raise ValueError(f"methods: {name!r} is not one of {', '.join(baselines.METHODS)} (dlmom:CONTROLLER and "

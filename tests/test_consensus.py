@@ -1,0 +1,117 @@
+"""Consensus modes and the gate: contrastive decoding against a direct computation, the gate's threshold,
+the lead expert, and end to end that a closed gate or contrast 0 decodes as the lead alone."""
+import math
+
+import pytest
+import torch
+
+from dlmom import DLMoM, DLMoMConfig
+from dlmom import consensus
+from tiny_models import hf_greedy, llama
+
+PROMPT = "What is 12 * 7?"
+
+
+def test_contrastive_equals_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 37, generator=g) * 3
+    lead = torch.tensor([2, 0, 1, 2])
+    w = torch.tensor([[1.0, 0.5, 0.0, 1.0], [0.2, 1.0, 1.0, 0.0], [1.0, 1.0, 0.3, 1.0]])
+    got = consensus.contrastive(x, lead, w, contrast=0.7, plausibility=0.05)
+    logp = torch.log_softmax(x, -1)
+    for b in range(4):
+        strong = logp[lead[b], b]
+        others = [e for e in range(3) if e != lead[b] and w[e, b] > 0]
+        total = sum(float(w[e, b]) for e in others)
+        weak = sum(float(w[e, b]) * logp[e, b] for e in others) / total
+        want = strong - 0.7 * weak
+        want[strong.exp() < 0.05 * strong.exp().max()] = -math.inf
+        assert torch.equal(torch.isinf(got[b]), torch.isinf(want))
+        torch.testing.assert_close(got[b][~torch.isinf(want)], want[~torch.isinf(want)])
+
+
+def test_contrastive_with_no_other_expert_is_the_lead():
+    x = torch.randn(2, 3, 11)
+    w = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    got = consensus.contrastive(x, torch.zeros(3, dtype=torch.long), w, contrast=0.5, plausibility=0.0)
+    torch.testing.assert_close(got, torch.log_softmax(x[0], -1))
+
+
+def test_contrast_zero_keeps_the_lead_argmax():
+    x = torch.randn(2, 5, 50)
+    lead = torch.tensor([1, 0, 1, 1, 0])
+    got = consensus.contrastive(x, lead, None, contrast=0.0, plausibility=0.1)
+    assert torch.equal(got.argmax(-1), consensus.lead_logits(x, lead).argmax(-1))
+
+
+def test_gate_opens_exactly_at_its_threshold():
+    x = torch.randn(2, 3, 40) * 2
+    lead = torch.tensor([0, 1, 0])
+    h = consensus.normalised_entropy(consensus.lead_logits(x, lead))
+    cfg = DLMoMConfig(gate=float(h[1]))
+    merged, alone = consensus.combine(x, lead, None, cfg)
+    assert not alone[1]  # at the threshold: the consensus engages
+    assert torch.equal(alone, h < h[1])
+    torch.testing.assert_close(merged[1], consensus.merge(x, theta=0.0, elect="vote", weights=None)[1])
+    above = DLMoMConfig(gate=math.nextafter(float(h[1]), 1.0))
+    merged, alone = consensus.combine(x, lead, None, above)
+    assert alone[1]  # just above it: the lead alone
+    torch.testing.assert_close(merged[1], x[1, 1])
+
+
+def test_normalised_entropy_bounds():
+    assert float(consensus.normalised_entropy(torch.zeros(1, 64))[0]) == pytest.approx(1.0)
+    assert float(consensus.normalised_entropy(torch.tensor([[0.0, -1e9, -1e9]]))[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    """A 2-layer and a 4-layer model on one tokenizer: the 4-layer one is the largest (the lead)."""
+    return llama(tok, seed=3), llama(tok, seed=4, layers=4)
+
+
+def test_lead_is_the_largest_expert(pair, tok):
+    small, big = pair
+    assert DLMoM([(small, tok), (big, tok)]).largest == 1
+    assert DLMoM([(big, tok), (small, tok)]).largest == 0
+    assert DLMoM([(small, tok), (small, tok)]).largest == 0  # ties: the first listed
+
+
+@pytest.mark.parametrize("settings", [dict(consensus="contrastive", contrast=0.0),
+                                      dict(gate=1.0), dict(gate=1.0, consensus="contrastive", contrast=2.0)],
+                         ids=["contrast-0", "gate-closed", "gate-closed-contrastive"])
+def test_lead_alone_decodes_as_the_largest_expert(pair, tok, settings):
+    # Contrast 0 or a gate that never opens (normalised entropy is below 1 unless uniform): greedy decoding
+    # follows the largest expert token for token, the preview included.
+    small, big = pair
+    moe = DLMoM([(small, tok), (big, tok)], config=DLMoMConfig(controller="explicit", **settings))
+    res = moe.generate([PROMPT], max_new_tokens=20)
+    assert res[0].text == hf_greedy(big, tok, PROMPT, 20)
+    merged = res[0].usage["merged_steps"]
+    assert merged == (0 if "gate" in settings else len(res[0].trace))
+    assert merged == sum(r["merged"] for r in res[0].trace)
+
+
+def test_gate_keeps_latent_packets_out_of_confident_steps(pair, tok):
+    small, big = pair
+    moe = DLMoM([(small, tok), (big, tok)], config=DLMoMConfig(controller="latent", gate=1.0, preview_tokens=0))
+    res = moe.generate([PROMPT], max_new_tokens=12)[0]
+    assert all(r["mode"] == "explicit" and not r["merged"] for r in res.trace)
+    assert res.usage["latent_steps"] == 0
+
+
+def test_router_lead_follows_the_router(pair, tok):
+    small, big = pair
+    moe = DLMoM([(small, tok), (big, tok)], config=DLMoMConfig(lead="router", preview_tokens=3))
+    gen = moe.start([PROMPT, "Add 3 to 5."], max_new_tokens=6)
+    gen.run()
+    assert torch.equal(gen.lead, torch.argmax(gen.weights.cpu(), dim=0))
+
+
+def test_consensus_settings_are_checked():
+    with pytest.raises(ValueError, match="gate must be a number in \\[0, 1\\]"):
+        DLMoMConfig(gate=1.5)
+    with pytest.raises(ValueError, match="consensus must be one of"):
+        DLMoMConfig(consensus="mean")
+    with pytest.raises(ValueError, match="contrast must be"):
+        DLMoMConfig(contrast=-1.0)
