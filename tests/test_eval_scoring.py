@@ -88,6 +88,8 @@ def test_formats_build_the_documented_prompts(tmp_path):
                                                                {"id": 7, "prompt": "2+2?", "answer": 4}]))
     assert [(i.id, i.prompt, i.reference) for i in j] == [("line-1", "Capital of Peru?", "Lima"), ("7", "2+2?", "4")]
     assert len(read_items("gsm8k", tmp_path / "g.jsonl", limit=1)) == 1
+    named = read_items("gsm8k", write_jsonl(tmp_path / "n.jsonl", [dict(GSM8K[1], id="wp-9")]))
+    assert [i.id for i in named] == ["wp-9"]  # a subset of a file keeps its items' names
     rows = [dict(row, split=s) for row, s in zip(GSM8K, ["dev", "test"] * len(GSM8K))]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     assert [i.prompt for i in read_items("gsm8k", path, split="dev")] == \

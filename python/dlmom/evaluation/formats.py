@@ -9,10 +9,10 @@ Three formats, as published (one JSON object per line; blank lines are skipped):
   Python code block, then shows the function prompt in one (``HUMANEVAL_INSTRUCTION``).
 - ``jsonl``: ``prompt`` (sent as it is) and ``answer`` (a JSON string or number). An answer that reads as a
   number is compared as a number with the completion's final number, any other answer exactly after
-  normalisation (see dlmom.evaluation.scoring). An optional ``id`` (string or integer) names the item.
+  normalisation (see dlmom.evaluation.scoring).
 
-Items are named by ``task_id`` (humaneval), by ``id`` (jsonl, when given), else ``line-<N>`` (N: the line
-number in the file). A line that is not valid is a ValueError naming the file, the line and what is wrong.
+Items are named by ``task_id`` (humaneval), by an optional ``id`` (gsm8k and jsonl: a string or an integer),
+else ``line-<N>`` (N: the line number in the file), so a subset of a file keeps its items' names. A line that is not valid is a ValueError naming the file, the line and what is wrong.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def _gsm8k(line: _Line) -> Item:
     found = _GSM8K_REFERENCE.search(answer)
     if not found or parse_number(found.group(1)) is None:
         raise line.fail(f"field 'answer' must end with '#### <number>', got ...{answer[-40:]!r}")
-    return Item(f"line-{line.number}", gsm8k_prompt(question), found.group(1))
+    return Item(_item_id(line), gsm8k_prompt(question), found.group(1))
 
 
 def _humaneval(line: _Line) -> Item:
@@ -112,10 +112,15 @@ def _jsonl(line: _Line) -> Item:
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or (isinstance(answer, str)
                                                                                  and not answer.strip()):
         raise line.fail(f"field 'answer' must be a non-empty string or a number, got {answer!r}")
+    return Item(_item_id(line), prompt, str(answer))
+
+
+def _item_id(line: _Line) -> str:
+    """The line's optional ``id`` (a non-empty string or an integer), else ``line-<N>``."""
     item_id = line.obj.get("id", f"line-{line.number}")
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id):
         raise line.fail(f"field 'id' must be a non-empty string or an integer, got {item_id!r}")
-    return Item(str(item_id), prompt, str(answer))
+    return str(item_id)
 
 
 _READERS = {"gsm8k": _gsm8k, "humaneval": _humaneval, "jsonl": _jsonl}
