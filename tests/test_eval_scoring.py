@@ -9,7 +9,7 @@ from dlmom.evaluation import formats, read_items
 from dlmom.evaluation.methods import Method, parse_methods
 from dlmom.evaluation.report import format_table, summarize
 from dlmom.evaluation.scoring import extract_code, final_number, final_text, normalise, parse_number, program, score
-from dlmom.evaluation.stats import mcnemar_exact, paired, wilson
+from dlmom.evaluation.stats import mcnemar_exact, paired, paired_difference, wilson
 
 # Problems written for these tests (not from any benchmark).
 GSM8K = [{"question": "A crate holds 6 rows of 7 jars. How many jars are in 3 crates?",
@@ -151,6 +151,18 @@ def test_mcnemar_exact_against_hand_computed_values():
     assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)                 # 0.0625
     assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(2, 5) == pytest.approx(2 * (1 + 7 + 21) / 128)  # 0.453125
+
+
+def test_paired_difference_against_hand_computed_values():
+    # 8 wins, 2 losses: Wilson(8, 10) = [0.4902, 0.9433]; on 10 items the difference is 0.6 in
+    # [2 * 0.4902 - 1, 2 * 0.9433 - 1] = [-0.0196, 0.8866]; on 20 items half of that.
+    diff, low, high = paired_difference(8, 2, 10)
+    assert diff == pytest.approx(0.6) and low == pytest.approx(-0.0196, abs=5e-4)
+    assert high == pytest.approx(0.8866, abs=5e-4)
+    assert paired_difference(8, 2, 20) == pytest.approx((0.3, low / 2, high / 2))
+    assert paired_difference(0, 0, 7) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="paired_difference"):
+        paired_difference(3, 3, 5)
 
 
 def test_paired_counts_only_shared_items():

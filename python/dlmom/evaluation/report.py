@@ -49,9 +49,11 @@ def format_table(summary: dict) -> str:
     if summary["paired"]:
         names = [f"{p['a']} vs {p['b']}" for p in summary["paired"]]
         width = max(len("paired, on the same items"), *map(len, names))
-        lines += ["", f"{'paired, on the same items':<{width}}  wins  losses  ties  McNemar exact p"]
+        lines += ["", f"{'paired, on the same items':<{width}}  wins  losses  ties  McNemar exact p  "
+                      "difference [95% CI]"]
         for name, p in zip(names, summary["paired"]):
-            lines.append(f"{name:<{width}}  {p['wins']:>4}  {p['losses']:>6}  {p['ties']:>4}  {p['p']:.3g}")
+            lines.append(f"{name:<{width}}  {p['wins']:>4}  {p['losses']:>6}  {p['ties']:>4}  {p['p']:<15.3g}  "
+                         f"{p['difference']:+.1%} [{p['low']:+.1%}, {p['high']:+.1%}]")
     return "\n".join(lines)
 
 

@@ -36,7 +36,8 @@ def mcnemar_exact(wins: int, losses: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class Paired:
     """Method ``a`` against method ``b`` on the items both answered: ``wins`` (a right, b wrong), ``losses``
-    (a wrong, b right), ``ties`` (both right or both wrong) and the exact McNemar ``p``."""
+    (a wrong, b right), ``ties`` (both right or both wrong), the exact McNemar ``p``, and the accuracy
+    ``difference`` a - b with its 95% interval [``low``, ``high``] (``paired_difference``)."""
 
     a: str
     b: str
@@ -44,6 +45,9 @@ class Paired:
     losses: int
     ties: int
     p: float
+    difference: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
 
 
 def paired(a: str, b: str, right_a: dict[str, bool], right_b: dict[str, bool]) -> Paired:
@@ -51,4 +55,18 @@ def paired(a: str, b: str, right_a: dict[str, bool], right_b: dict[str, bool]) -
     shared = right_a.keys() & right_b.keys()
     wins = sum(right_a[i] and not right_b[i] for i in shared)
     losses = sum(right_b[i] and not right_a[i] for i in shared)
-    return Paired(a, b, wins, losses, len(shared) - wins - losses, mcnemar_exact(wins, losses))
+    diff = paired_difference(wins, losses, len(shared)) if shared else (0.0, 0.0, 0.0)
+    return Paired(a, b, wins, losses, len(shared) - wins - losses, mcnemar_exact(wins, losses), *diff)
+
+
+def paired_difference(wins: int, losses: int, n: int, z: float = Z95) -> tuple[float, float, float]:
+    """(difference, low, high): accuracy of a minus accuracy of b on ``n`` shared items, (wins - losses) / n,
+    with a 95% interval conditional on the d = wins + losses discordant items: the Wilson interval [lo, hi]
+    of wins / d maps to d / n · (2 lo - 1) .. d / n · (2 hi - 1). With no discordant item it is (0, 0, 0)."""
+    if n <= 0 or wins < 0 or losses < 0 or wins + losses > n:
+        raise ValueError(f"paired_difference: expected 0 <= wins + losses <= n with n > 0, got {wins}, {losses}, {n}")
+    d = wins + losses
+    if d == 0:
+        return 0.0, 0.0, 0.0
+    lo, hi = wilson(wins, d, z)
+    return (wins - losses) / n, d / n * (2 * lo - 1), d / n * (2 * hi - 1)

@@ -1,0 +1,118 @@
+"""Summarise `dlmom eval` runs for docs/findings.md: per run (a mixture of experts on one dev set) every
+method's accuracy with its Wilson 95% interval, cost per item, the traces' shares (latent steps, merged
+steps, expert agreement), and each dlmom variant paired against the strongest single expert of that run.
+
+    python bench/eval_findings.py NAME=RECORDS.jsonl ... [--json bench/results/eval-cpu.json] [--markdown]
+
+NAME labels a run (e.g. qwen-0.5b+1.5b/word_problems); RECORDS is the --out file of `dlmom eval`. The grid
+that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one table per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from dlmom.evaluation.stats import paired, wilson
+
+
+def read_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _trace_shares(rows: list[dict]) -> dict:
+    """Over a method's records with a step trace: the share of steps latent, merged (consensus engaged) and
+    where every expert's own argmax was the chosen token; mean switches."""
+    steps = [t for r in rows for t in r.get("trace") or [] if "step" in t]
+    if not steps:
+        return {}
+    return {"latent_share": sum(t["mode"] == "latent" for t in steps) / len(steps),
+            "merged_share": sum(t.get("merged", True) for t in steps) / len(steps),
+            "agree_share": sum(t["agreement"] >= 1.0 for t in steps) / len(steps),
+            "switches_mean": _mean(r.get("usage", {}).get("switches") for r in rows)}
+
+
+def summarise_run(records: list[dict]) -> dict:
+    """One run's table: items answered by every method only (so every row is on the same items)."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    by = {m: {r["item"]: r for r in records if r["method"] == m} for m in methods}
+    items = sorted(set.intersection(*(set(v) for v in by.values()))) if methods else []
+    table = {}
+    for m in methods:
+        rows = [by[m][i] for i in items]
+        correct = sum(bool(r["correct"]) for r in rows)
+        low, high = wilson(correct, len(rows))
+        table[m] = {"items": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else None,
+                    "ci_low": low, "ci_high": high, "errors": sum(r.get("error") is not None for r in rows),
+                    "tokens_mean": _mean(r.get("tokens") for r in rows),
+                    "wall_s_mean": _mean(r.get("wall_s") for r in rows),
+                    "generated_mean": _mean(r.get("usage", {}).get("generated_tokens") for r in rows),
+                    **_trace_shares(rows)}
+    singles = [m for m in methods if m.split("[")[0].split(":")[0] == "single"]
+    # The strongest single expert: most items right; on a tie the one listed first.
+    best = max(singles, key=lambda m: (table[m]["correct"], -singles.index(m))) if singles else None
+    pairs = []
+    for m in methods:
+        if best is None or not m.startswith("dlmom"):
+            continue
+        p = paired(m, best, {i: bool(by[m][i]["correct"]) for i in items},
+                   {i: bool(by[best][i]["correct"]) for i in items})
+        cost = table[m]["wall_s_mean"] / table[best]["wall_s_mean"] if table[best]["wall_s_mean"] else None
+        pairs.append({**p.__dict__, "wall_ratio": cost})
+    return {"items": len(items), "methods": table, "strongest_single": best, "paired_vs_strongest": pairs}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def markdown(name: str, run: dict) -> str:
+    lines = [f"#### {name} ({run['items']} items)", "",
+             "| method | right | accuracy [95% CI] | tokens/item | wall/item | latent | merged | all agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, t in run["methods"].items():
+        acc = f"{_pct(t['accuracy'])} [{_pct(t['ci_low'])}, {_pct(t['ci_high'])}]"
+        lines.append(f"| `{m}` | {t['correct']}/{t['items']} | {acc} | {t['tokens_mean']:.0f} | "
+                     f"{t['wall_s_mean']:.1f} s | {_pct(t.get('latent_share'))} | {_pct(t.get('merged_share'))} | "
+                     f"{_pct(t.get('agree_share'))} |")
+    if run["paired_vs_strongest"]:
+        lines += ["", f"Paired against the strongest single expert, `{run['strongest_single']}`:", "",
+                  "| method | wins | losses | ties | difference [95% CI] | McNemar p | wall ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in run["paired_vs_strongest"]:
+            lines.append(f"| `{p['a']}` | {p['wins']} | {p['losses']} | {p['ties']} | {p['difference']:+.0%} "
+                         f"[{p['low']:+.0%}, {p['high']:+.0%}] | {p['p']:.3g} | {p['wall_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="NAME=RECORDS", help="a run's label and its dlmom eval --out file")
+    parser.add_argument("--json", metavar="FILE", help="write every run's summary here")
+    args = parser.parse_args(argv)
+    result = {}
+    for spec in args.runs:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            parser.error(f"runs: expected NAME=RECORDS.jsonl, got {spec!r}")
+        try:
+            result[name] = summarise_run(read_records(path))
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"runs: {path}: {err}")
+        print(markdown(name, result[name]), end="\n\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
