@@ -21,10 +21,11 @@ print(''.join(json.dumps(r)+'\n' for r in d[::3]), end='')" "data/dev/$1.jsonl" 
 
 case "${1:-}" in
   smol)
-    for set in word_problems:gsm8k answers:jsonl functions:humaneval; do
-      name=${set%%:*}; task=${set##*:}
+    # short answers first (96 new tokens), then the word problems and functions (256)
+    for set in answers:jsonl:96 word_problems:gsm8k:256 functions:humaneval:256; do
+      IFS=: read -r name task budget <<< "$set"
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split dev --methods "$SMOL_METHODS" \
-        --batch-size 8 --max-new-tokens 256 --seed 0 --out "$OUT/smollm2x3-$name.jsonl" --quiet
+        --batch-size 8 --max-new-tokens "$budget" --seed 0 --out "$OUT/smollm2x3-$name.jsonl" --quiet
     done ;;
   qwen)
     for set in word_problems:gsm8k functions:humaneval; do

@@ -115,3 +115,39 @@ def test_consensus_settings_are_checked():
         DLMoMConfig(consensus="mean")
     with pytest.raises(ValueError, match="contrast must be"):
         DLMoMConfig(contrast=-1.0)
+
+
+def test_a_closed_gate_defers_the_other_experts_forwards(pair, tok):
+    # gate=1: after the preview the lead decodes alone, and the small expert runs no forward at all.
+    small, big = pair
+    moe = DLMoM([(small, tok), (big, tok)], config=DLMoMConfig(controller="explicit", gate=1.0, preview_tokens=3))
+    res = moe.generate([PROMPT], max_new_tokens=20)[0]
+    assert res.text == hf_greedy(big, tok, PROMPT, 20)
+    small_usage, big_usage = res.usage["experts"]
+    assert small_usage["decode_tokens"] == 3  # the preview's steps only (the last one feeds the first deferred)
+    assert big_usage["decode_tokens"] == len(res.trace) - 1
+    # step 3 still has the small expert's logits (fed at step 2); from step 4 on it has none
+    assert all(t["agreement"] is None for t in res.trace[4:]) and all(t["agreement"] is not None
+                                                                     for t in res.trace[:4])
+
+
+@pytest.mark.parametrize("controller", ["explicit", "swir"])
+def test_deferred_experts_catch_up_to_the_same_answers(pair, tok, controller, monkeypatch):
+    # A gate that opens at some steps: the deferred expert catches up on the tokens it missed in one forward
+    # and the answers equal those of a run that feeds it every step.
+    small, big = pair
+    prompts = [PROMPT, "Add 3 to 5.", "Write a function that returns the sum of a list of numbers."]
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text + hf_greedy(big, tok, PROMPT, 24), return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = consensus.normalised_entropy(big(ids).logits[0])  # the lead's entropies along its own answer
+    cfg = DLMoMConfig(controller=controller, gate=float(h.median()), max_latent_steps=1000)
+    lazy = DLMoM([(small, tok), (big, tok)], config=cfg).generate(prompts, max_new_tokens=24, seed=0)
+    from dlmom.generation import Generation
+    monkeypatch.setattr(Generation, "deferrable", lambda self, alone, in_preview: frozenset())
+    eager = DLMoM([(small, tok), (big, tok)], config=cfg).generate(prompts, max_new_tokens=24, seed=0)
+    assert [r.text for r in lazy] == [r.text for r in eager]
+    assert [[t["merged"] for t in r.trace] for r in lazy] == [[t["merged"] for t in r.trace] for r in eager]
+    assert 0 < sum(r.usage["merged_steps"] for r in lazy) < sum(len(r.trace) for r in lazy)
+    # the small expert ran fewer forwards, the same tokens
+    assert lazy.usage["experts"][0]["decode_tokens"] <= eager.usage["experts"][0]["decode_tokens"]

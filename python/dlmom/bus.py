@@ -88,6 +88,8 @@ class Bus:
         self.bridges = {i: TextBridge(primary.tokenizer, r.tokenizer, batch) for i, r in enumerate(runners)
                         if bridged[i]}
         self.bytes = torch.zeros(batch, dtype=torch.long)  # per prompt: packets and bridge text sent
+        # Deferred runners (the gate kept the lead alone): per prompt the explicit tokens not fed yet.
+        self.pending: dict[int, list[list[int]]] = {}
 
     def _alignment(self, index: int) -> torch.Tensor:
         if index not in self.alignments:
@@ -122,14 +124,24 @@ class Bus:
         return int(self.bytes.sum())
 
     def deliver(self, logits: list[torch.Tensor], ids: torch.Tensor, probs: torch.Tensor,
-                last_tokens: list[int | None]) -> list[torch.Tensor]:
+                last_tokens: list[int | None], defer: frozenset[int] = frozenset()) -> list[torch.Tensor]:
         """Every runner with active rows takes the step's input: the packet (ids, probs [B, k]), or over the
         Text-Bridge the new text of ``last_tokens`` (per prompt, None: nothing). Returns the new logits (zeros
-        in rows that left the batch: they have no weight in the consensus) and counts the bridge's bytes."""
+        in rows that left the batch: they have no weight in the consensus) and counts the bridge's bytes.
+
+        A runner in ``defer`` (on the primary vocabulary; the step is an explicit token for every prompt) runs
+        no forward: the token waits in ``pending`` and its logits stay those of an earlier step (stale) until
+        ``catch_up`` feeds every waiting token in one forward."""
         new = []
         for i, runner in enumerate(self.runners):
             if not runner.live:
                 new.append(torch.zeros_like(logits[i]))  # every row dropped or finished: no more forwards
+            elif i in defer:
+                waiting = self.pending.setdefault(i, [[] for _ in last_tokens])
+                for b, token in enumerate(last_tokens):
+                    if token is not None:
+                        waiting[b].append(int(ids[b, 0]))
+                new.append(logits[i])
             elif i in self.bridges:
                 fed, n = self.bridges[i].push(last_tokens)
                 self.bytes += torch.tensor(n, dtype=torch.long) * runner.rows_per_prompt()
@@ -138,6 +150,17 @@ class Bus:
             else:
                 new.append(runner.feed_packet(ids, probs))
         return new
+
+    def catch_up(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Feed every deferred runner its waiting tokens (one forward each); the logits with theirs fresh."""
+        logits = list(logits)
+        for i, waiting in self.pending.items():
+            if self.runners[i].live:
+                out = self.runners[i].feed_tokens(waiting)
+                if out is not None:
+                    logits[i] = out
+        self.pending = {}
+        return logits
 
     @property
     def resyncs(self) -> int:

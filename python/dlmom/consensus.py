@@ -95,6 +95,14 @@ def contrastive(logits: torch.Tensor, lead: torch.Tensor, weights: torch.Tensor 
     return score if cut is None else score.masked_fill(strong < cut, -math.inf)
 
 
+def gated(logits: torch.Tensor, lead: torch.Tensor, settings: ConsensusSettings) -> torch.Tensor:
+    """[B] bool: the rows where the gate keeps the lead alone (its normalised entropy below ``settings.gate``,
+    compared in double: the threshold is not rounded to float32). Only the lead's rows of ``logits`` are read."""
+    if settings.gate <= 0 or logits.shape[0] == 1:
+        return torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    return normalised_entropy(lead_logits(logits, lead)).double() < settings.gate
+
+
 def combine(logits: torch.Tensor, lead: torch.Tensor, weights: torch.Tensor | None,
             settings: ConsensusSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(merged [B, V] float32, alone [B] bool): the consensus of [E, B, V] logits, except in the rows where the
@@ -104,11 +112,10 @@ def combine(logits: torch.Tensor, lead: torch.Tensor, weights: torch.Tensor | No
         merged = contrastive(logits, lead, weights, contrast=s.contrast, plausibility=s.plausibility)
     else:
         merged = merge(logits, theta=s.theta, elect=s.elect, weights=weights)
-    if s.gate <= 0 or logits.shape[0] == 1:
-        return merged, torch.zeros(logits.shape[1], dtype=torch.bool, device=merged.device)
-    own = lead_logits(logits, lead)
-    alone = normalised_entropy(own).double() < s.gate  # in double: the threshold is not rounded to float32
-    return torch.where(alone.unsqueeze(-1), own, merged), alone
+    alone = gated(logits, lead, s).to(merged.device)
+    if not bool(alone.any()):
+        return merged, alone
+    return torch.where(alone.unsqueeze(-1), lead_logits(logits, lead), merged), alone
 
 
 def agreement(logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ class Generation:
         self.primary = moe.primary
         self.runners = [SoftThinkingRunner(group) for group in moe.groups]
         self.experts = [e for runner in self.runners for e in runner.experts]
+        self.runner_of = [i for i, runner in enumerate(self.runners) for _ in runner.experts]  # by expert
         self.bridged = moe.bridged
         self.alignments = moe.alignments
         self.transcripts = Transcripts(self.primary.tokenizer, self.batch, eos=self.primary.eos_ids(), stops=stops)
@@ -98,10 +99,14 @@ class Generation:
     def step(self, step: int, logits: list[torch.Tensor], *, last: bool) -> list[torch.Tensor] | None:
         """One decode step from the runners' logits; the next logits, or None when the generation is done."""
         cfg, bus, done = self.config, self.bus, self.transcripts.finished
+        in_preview = self.preview.active(step)
         stacked = bus.stack(logits)  # [E, B, V]
+        stale = bool(bus.pending)
+        if stale and (in_preview or not bool(consensus.gated(stacked, self.lead, cfg).cpu()[~done].all())):
+            logits = bus.catch_up(logits)  # the gate opens for a prompt: every expert's logits are needed
+            stacked, stale = bus.stack(logits), False
         merged, alone = consensus.combine(stacked, self.lead, self.weights, cfg)
         packet = topk_packet(merged, self.k, temperature=cfg.temperature, top_p=cfg.top_p)
-        in_preview = self.preview.active(step)
         alone = alone.cpu()
         self.merged_steps += (~alone & ~done).long()
         modes, switched = self.decide(packet, in_preview, alone)
@@ -112,8 +117,10 @@ class Generation:
         step_bytes = bus.packet_bytes(feed_ids, feed_probs)
         if in_preview:
             self.preview.observe(logits, token, done)
-        self.record(step, packet, token, latent, consensus.agreement(stacked, packet.ids[:, 0], self.weights),
-                    switched, step_bytes, "preview" if in_preview else None, alone)
+        # Stale (deferred) experts have no logits for this step: no agreement to report.
+        agree = None if stale else consensus.agreement(stacked, packet.ids[:, 0], self.weights)
+        self.record(step, packet, token, latent, agree, switched, step_bytes, "preview" if in_preview else None,
+                    alone)
         raise_pending_errors(self.primary.device)  # a CUDA kernel's value error, once per step (record synced)
         keep = (~done).expand(len(self.experts), self.batch)  # rows of finished prompts leave the batch
         if in_preview and self.preview.ends_at(step):
@@ -123,7 +130,16 @@ class Generation:
         for runner, rows in zip(self.runners, keep.split([runner.roles for runner in self.runners])):
             runner.keep_rows(rows)
         bus.count(step_bytes, done)
-        return bus.deliver(logits, feed_ids, feed_probs, self.transcripts.last_tokens())
+        return bus.deliver(logits, feed_ids, feed_probs, self.transcripts.last_tokens(),
+                           defer=self.deferrable(alone | done, in_preview))
+
+    def deferrable(self, alone: torch.Tensor, in_preview: bool) -> frozenset[int]:
+        """The runners that may skip this step's forward: when the gate keeps every running prompt with its
+        lead alone (an explicit token each), every runner on the primary vocabulary that holds no lead."""
+        if self.config.gate <= 0 or in_preview or not bool(alone.all()):
+            return frozenset()
+        leads = {self.runner_of[e] for e in self.lead.tolist()}
+        return frozenset(i for i in range(len(self.runners)) if not self.bridged[i] and i not in leads)
 
     # ---- one step's pieces ----
 
@@ -136,13 +152,14 @@ class Generation:
         modes = self.controller.step(packet.entropy, active=~self.transcripts.finished, explicit=alone)
         return modes, {e.row: f"to {e.to}: {e.reason}" for e in self.controller.events[seen:]}
 
-    def record(self, step: int, packet, token: torch.Tensor, latent: torch.Tensor, agree: torch.Tensor,
+    def record(self, step: int, packet, token: torch.Tensor, latent: torch.Tensor, agree: torch.Tensor | None,
                switched: dict[int, str], step_bytes: list[int], mode: str | None, alone: torch.Tensor) -> None:
         """Trace and text of every running prompt; a latent step shows the top-1 token of its packet."""
         token_list, top1_list, is_latent = token.tolist(), packet.ids[:, 0].tolist(), latent.tolist()
         top_ids, top_probs = packet.ids[:, :5].tolist(), packet.probs[:, :5].tolist()
-        entropy, agreement = packet.entropy.tolist(), agree.tolist()
+        entropy = packet.entropy.tolist()
         switches, merged = self.controller.switches.tolist(), (~alone).tolist()
+        agreement = [None] * self.batch if agree is None else agree.tolist()
         for b in range(self.batch):
             if self.transcripts.finished[b]:
                 continue

@@ -96,7 +96,7 @@ class Transcripts:
         return [None if self.finished[b] else s[-1] if s else None for b, s in enumerate(self.shown)]
 
     def record(self, b: int, *, step: int, mode: str, out: int, entropy: float, top_ids: list[int],
-               top_probs: list[float], agreement: float, switches: int, bus_bytes: int, switch: str | None,
+               top_probs: list[float], agreement: float | None, switches: int, bus_bytes: int, switch: str | None,
                merged: bool) -> None:
         """Add one step of prompt ``b`` (``out``: the token its text shows) and update its text."""
         record = {"step": step, "mode": mode, "entropy": entropy, "id": out, "token": self.decode([out]),
