@@ -5,8 +5,10 @@
 // plain read-modify-writes (fibers switch only at barriers), and the cub block primitives are re-done on
 // shared arrays. A barrier some threads never reach ends the run with a "barrier deadlock" error (what
 // compute-sanitizer's synccheck reports as divergence); a kernel's memory is host memory.
-// Not emulated: timing, memory races (fibers run in a fixed order between barriers), the GPU's float
-// summation order (cub sums here serially), texture / async copies.
+// Between barriers the fibers run in an order shuffled anew on every sweep (seed: the environment's EMU_SEED,
+// default 1; EMU_SEED=0 runs them in thread order), so a missing barrier that thread order would hide (thread 0
+// writes, the others read) shows. Not emulated: timing, races inside one sweep (a fiber runs to its next
+// barrier uninterrupted), the GPU's float summation order (cub sums here serially), texture / async copies.
 #pragma once
 #include <ucontext.h>
 
@@ -18,6 +20,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -116,6 +120,16 @@ T shfl(T v, int src_lane_of) {
   return out;
 }
 
+// The scheduler's random order (EMU_SEED; 0: thread order), one stream for the whole process.
+inline std::mt19937_64* order_rng() {
+  static std::unique_ptr<std::mt19937_64> rng = [] {
+    const char* env = std::getenv("EMU_SEED");
+    const unsigned long long seed = env ? std::strtoull(env, nullptr, 10) : 1ull;
+    return seed ? std::make_unique<std::mt19937_64>(seed) : std::unique_ptr<std::mt19937_64>();
+  }();
+  return rng.get();
+}
+
 constexpr size_t kStack = 128 * 1024;
 
 inline void trampoline(unsigned lo, unsigned hi) {
@@ -161,9 +175,13 @@ inline void run_grid(dim3 grid, dim3 blk, size_t smem, std::function<void()> fn)
                       unsigned(p >> 32));
         }
         int live = n;
+        std::vector<int> order(size_t(n), 0);
+        std::iota(order.begin(), order.end(), 0);
         while (live > 0) {
           bool progressed = false;
-          for (auto& t : b.threads) {
+          if (order_rng()) std::shuffle(order.begin(), order.end(), *order_rng());
+          for (int i : order) {
+            Thread& t = b.threads[size_t(i)];
             if (t.done) continue;
             if (t.wait_gen && *t.wait_gen == t.wait_val) continue;  // still at its barrier
             t.wait_gen = nullptr;
