@@ -199,10 +199,18 @@ def test_page_renders_in_a_headless_browser(run_json, results, tmp_path):
     subprocess.run([*browser, f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=180)
     pixels = image.open(shot).convert("RGB")
     assert pixels.size == (1200, 900) and len(pixels.getcolors(maxcolors=1 << 24)) > 20  # drawn, not one blank colour
+    # after the page's script: hover the first step's column, note the tooltip and what lit up
+    hover = ("<script>document.querySelector('.chart .hit').dispatchEvent(new MouseEvent('mouseover', {bubbles: "
+             "true})); document.body.setAttribute('data-hovered', document.getElementById('tip').textContent"
+             ".split('\\n')[0] + '|' + document.querySelectorAll('.lit').length);</script></body>")
+    page.write_text(page.read_text().replace("</body>", hover))
     dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
                          timeout=180).stdout
     # the page's script ran to its end: the tooltip element is there and native titles became data-tip
     body = dom.split("<body", 1)[1]
+    first = results[0].trace[0]
+    hovered = re.search(r'data-hovered="([^"]*)"', body).group(1)
+    assert hovered.startswith(f"step 0 · {first['mode']} · entropy {first['entropy']:.3f}") and hovered.endswith("|2")
     assert 'data-view="ready"' in body and 'id="tip"' in body and "<title>" not in body and "title=" not in body
     steps = [t for r in results for t in r.trace]
     assert body.count("data-tip=") == 2 * len(steps) + sum("switch" in t for t in steps)  # token, column; switch

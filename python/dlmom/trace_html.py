@@ -14,7 +14,7 @@ import math
 from .cli import printable
 from .trace_view import View
 
-W, LEFT, RIGHT = 1000, 70, 12  # the chart's viewBox width and margins
+W, LEFT, RIGHT = 1000, 84, 12  # the chart's viewBox width and margins
 # (top, height) of each panel in the chart's viewBox
 MARKS, ENTROPY, AGREEMENT, BUS, MERGED = (2, 16), (22, 130), (168, 50), (234, 50), (300, 14)
 HEIGHT = 338
@@ -86,7 +86,7 @@ def _axes(trace: list[dict], x, sw: float, max_bus: int) -> list[str]:
         if i % every == 0:
             out.append(f'<text class="val" x="{x(i) + sw / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">'
                        f'{r["step"]}</text>')
-    out.append(f'<text class="val" x="{W - RIGHT}" y="{HEIGHT - 8}" text-anchor="end">step</text>')
+    out.append(f'<text class="val" x="{LEFT - 6}" y="{HEIGHT - 8}" text-anchor="end">step</text>')
     return out
 
 
@@ -203,7 +203,7 @@ def render(views: list[View]) -> str:
 
 LEGEND = ('<p class="legend"><span class="tok m-latent">latent step</span> <span class="tok m-explicit">explicit '
           'step</span> <span class="tok m-preview">preview step</span> <span class="sw-key">▼</span> switch (hover '
-          'for the reason) <span class="key" style="background:#59a14f"></span> merged (consensus) '
+          'for the reason; in the text a red bar before the token) <span class="key" style="background:#59a14f"></span> merged (consensus) '
           '<span class="key" style="background:#e15759"></span> lead expert alone (gate) · hover a step or token '
           'for its packet\'s top tokens</p>')
 

@@ -24,6 +24,8 @@ def _value(x) -> float:
 
 
 def _panels(ax_e, ax_a, v: View) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     t = v.trace
     xs = range(len(t))
     start = 0
@@ -49,6 +51,7 @@ def _panels(ax_e, ax_a, v: View) -> None:
     ax_e.set_ylabel("entropy")
     ax_a.set_ylabel("agreement")
     ax_a.set_xlabel("step")
+    ax_a.xaxis.set_major_locator(MaxNLocator(integer=True))
     switches = sum("switch" in r for r in t)
     latent = sum(r["mode"] == "latent" for r in t)
     ax_e.set_title(f"{v.title}   ({len(t)} steps, {latent} latent, {switches} switches)", fontsize=10, loc="left")
