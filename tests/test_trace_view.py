@@ -151,6 +151,8 @@ def test_trace_command_writes_page_and_png(run_json, eval_file, tmp_path, capsys
     (["{notrace}", "--html", "o.html"], "argument FILE: no trace in"),
     (["{other}", "--html", "o.html"], "argument FILE: .* is JSON but neither"),
     (["{run}", "--html", "o.html", "--item", "a"], "argument --item: .* is what dlmom run --json prints"),
+    (["{badmode}", "--html", "o.html"], "argument FILE: .*result 1, step record 1: mode must be one of"),
+    (["{badstep}", "--html", "o.html"], "argument FILE: .*result 1, step record 0: step must be an integer"),
     (["{run}"], "argument --html/--png: give at least one output"),
     (["{run}", "--html", "no/such/dir/o.html"], "argument --html: no such folder"),
 ])
@@ -160,7 +162,11 @@ def test_trace_command_errors_are_one_line_naming_the_argument(args, message, ru
     (tmp_path / "bad").write_text("{not json\n")
     (tmp_path / "notrace").write_text(json.dumps({"results": [{"text": "hi", "trace": [], "route": [], "usage": {}}]}))
     (tmp_path / "other").write_text("[1, 2]")
-    files = {"{bad}": "bad", "{notrace}": "notrace", "{other}": "other", "{run}": run_json}
+    for name, trace in (("badmode", [step(0, "latent", "a"), step(1, "dreaming", "b")]),
+                        ("badstep", [{**step(0, "latent", "a"), "step": '0" onmouseover="x'}])):
+        (tmp_path / name).write_text(json.dumps({"results": [{"text": "a", "trace": trace}]}))
+    files = {"{bad}": "bad", "{notrace}": "notrace", "{other}": "other", "{run}": run_json, "{badmode}": "badmode",
+             "{badstep}": "badstep"}
     assert cli.main([files.get(a, a) for a in ["trace", *args]]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err

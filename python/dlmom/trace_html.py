@@ -50,7 +50,7 @@ def _tokens(k: int, trace: list[dict]) -> str:
     for r in trace:
         token = r.get("token", "")
         cls = f"tok m-{r['mode']}" + ("" if token else " empty") + (" sw" if "switch" in r else "")
-        spans.append(f'<span class="{cls}" data-k="{k}-{r["step"]}" title="{esc(step_tip(r))}">'
+        spans.append(f'<span class="{cls}" data-k="{k}-{esc(r["step"])}" title="{esc(step_tip(r))}">'
                      f'{esc(token) if token else "∅"}</span>')
     return "".join(spans)
 
@@ -85,7 +85,7 @@ def _axes(trace: list[dict], x, sw: float, max_bus: int) -> list[str]:
     for i, r in enumerate(trace):
         if i % every == 0:
             out.append(f'<text class="val" x="{x(i) + sw / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">'
-                       f'{r["step"]}</text>')
+                       f'{esc(r["step"])}</text>')
     out.append(f'<text class="val" x="{LEFT - 6}" y="{HEIGHT - 8}" text-anchor="end">step</text>')
     return out
 
@@ -120,7 +120,7 @@ def _chart(k: int, trace: list[dict]) -> str:
         out.append(f'<rect class="merge" x="{x(i):.2f}" y="{mt}" width="{sw:.2f}" height="{mh}" '
                    f'fill="{MERGED_FILL[merged]}"/>')
     for i, r in enumerate(trace):  # hover targets over every panel of the step
-        out.append(f'<rect class="hit" data-k="{k}-{r["step"]}" x="{x(i):.2f}" y="{top}" width="{sw:.2f}" '
+        out.append(f'<rect class="hit" data-k="{k}-{esc(r["step"])}" x="{x(i):.2f}" y="{top}" width="{sw:.2f}" '
                    f'height="{bottom - top}"><title>{esc(step_tip(r))}</title></rect>')
     for i, r in enumerate(trace):
         if "switch" in r:
@@ -180,7 +180,9 @@ def _agents(trace: list[dict]) -> str:
         if rest:
             body += f"<pre>{esc(json.dumps(rest, ensure_ascii=False, indent=1))}</pre>"
         blocks.append(f"<details><summary>{esc(name)}</summary>{body}</details>")
-    return ('<p class="note">No step trace (a baseline): its agents\' records.</p>' + "".join(blocks))
+    if not blocks:
+        return '<p class="note">No trace recorded.</p>'
+    return '<p class="note">No step trace (a baseline): its agents\' records.</p>' + "".join(blocks)
 
 
 def _section(k: int, v: View) -> str:

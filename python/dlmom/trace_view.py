@@ -44,6 +44,8 @@ def is_step_trace(trace) -> bool:
 def check_steps(where: str, trace: list[dict]) -> None:
     """Each step has what the view reads, with the types it draws; a ValueError naming the step otherwise."""
     for i, r in enumerate(trace):
+        if not isinstance(r["step"], int) or isinstance(r["step"], bool):
+            raise ValueError(f"{where}, step record {i}: step must be an integer, got {r['step']!r}")
         if r["mode"] not in MODES:
             raise ValueError(f"{where}, step record {i}: mode must be one of {', '.join(MODES)}, got {r['mode']!r}")
         for key in ("entropy", "agreement", "bus_bytes"):
@@ -153,8 +155,10 @@ def load(path: str, *, item: str | None = None, method: str | None = None) -> li
     if not any(v.trace for v in views):
         raise ValueError(f"argument FILE: no trace in {path} (its {len(views)} answer(s) hold no \"trace\")")
     for v in views:
+        if not isinstance(v.trace, list) or not isinstance(v.route, list):
+            raise ValueError(f"argument FILE: {path}: {v.title}: \"trace\" and \"route\" must be lists")
         if v.has_steps:
-            check_steps(f"{path}: {v.title}", v.trace)
+            check_steps(f"argument FILE: {path}: {v.title}", v.trace)
     return views
 
 
