@@ -13,7 +13,7 @@ import pytest
 from dlmom import DLMoM, DLMoMConfig, Expert, cli
 from dlmom.cli import printable
 from dlmom.trace_html import render
-from dlmom.trace_view import from_results, load
+from dlmom.trace_view import load
 from tiny_models import llama
 
 PROMPTS = ["What is 12 * 7?", "Add 3 to 5."]
@@ -89,8 +89,8 @@ def test_page_of_a_real_run_shows_every_step(run_json, results):
             # the answer's token of the step carries the same tip, and lights the same step
             assert f'data-k="{k}-{t["step"]}" title="{html.escape(tip, quote=True)}"' in section
         switches = [t for t in r.trace if "switch" in t]
-        assert [x for x in tips if x.startswith("switch at")] == [f"switch at step {t['step']}: {t['switch']}"
-                                                                   for t in switches]
+        reasons = [f"switch at step {t['step']}: {t['switch']}" for t in switches]
+        assert [x for x in tips if x.startswith("switch at")] == reasons
         for x in r.route:
             assert f"<td>{x['expert']}</td><td>{x['bits_per_byte']:.3f}</td>" in page
     assert page.count('<g class="switch">') == sum("switch" in t for r in results for t in r.trace)

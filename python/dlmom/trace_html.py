@@ -95,6 +95,7 @@ def _chart(k: int, trace: list[dict]) -> str:
     switch markers on top."""
     n = len(trace)
     sw = (W - LEFT - RIGHT) / n
+
     def x(i: float) -> float:
         return LEFT + i * sw
     max_bus = max((int(_num(r.get("bus_bytes"), 0, 1e18)) for r in trace), default=0)
@@ -128,7 +129,8 @@ def _chart(k: int, trace: list[dict]) -> str:
             reason = esc(f"switch at step {r['step']}: {r['switch']}")
             out.append(f'<g class="switch"><title>{reason}</title>'
                        f'<line x1="{sx:.2f}" x2="{sx:.2f}" y1="{MARKS[0] + MARKS[1]}" y2="{et + eh}"/>'
-                       f'<path d="M{sx - 6:.2f},{MARKS[0]} L{sx + 6:.2f},{MARKS[0]} L{sx:.2f},{MARKS[0] + MARKS[1]} Z"/>'
+                       f'<path d="M{sx - 6:.2f},{MARKS[0]} L{sx + 6:.2f},{MARKS[0]} '
+                       f'L{sx:.2f},{MARKS[0] + MARKS[1]} Z"/>'
                        f'</g>')
     return (f'<svg class="chart" viewBox="0 0 {W} {HEIGHT}" role="img" aria-label="step trace">'
             + "".join(out) + "</svg>")
@@ -205,7 +207,8 @@ def render(views: list[View]) -> str:
 
 LEGEND = ('<p class="legend"><span class="tok m-latent">latent step</span> <span class="tok m-explicit">explicit '
           'step</span> <span class="tok m-preview">preview step</span> <span class="sw-key">▼</span> switch (hover '
-          'for the reason; in the text a red bar before the token) <span class="key" style="background:#59a14f"></span> merged (consensus) '
+          'for the reason; in the text a red bar before the token) '
+          '<span class="key" style="background:#59a14f"></span> merged (consensus) '
           '<span class="key" style="background:#e15759"></span> lead expert alone (gate) · hover a step or token '
           'for its packet\'s top tokens</p>')
 

@@ -37,8 +37,8 @@ class View:
 
 def is_step_trace(trace) -> bool:
     """A dlmom trace (records with ``step`` and ``mode``), not a baseline's agent records."""
-    return bool(trace) and isinstance(trace, list) and all(isinstance(r, dict) and "step" in r and "mode" in r
-                                                          for r in trace)
+    return (bool(trace) and isinstance(trace, list)
+            and all(isinstance(r, dict) and "step" in r and "mode" in r for r in trace))
 
 
 def check_steps(where: str, trace: list[dict]) -> None:
