@@ -45,7 +45,7 @@ def run_json(results, tmp_path_factory):
 
 def step(i, mode, token, **extra):
     return {"step": i, "mode": mode, "entropy": 0.2 + 0.1 * i, "id": i, "token": token,
-            "top": [[token, 0.6], [" 7", 0.3], ["&", 0.1]], "agreement": 0.5, "merged": i != 1,
+            "top": [[token, 0.6], [" 7", 0.3], ["&", 0.1]], "agreement": 0.5 if i != 1 else None, "merged": i != 1,
             "switches": int("switch" in extra), "bus_bytes": 40 if mode == "latent" else 4, **extra}
 
 
@@ -125,6 +125,9 @@ def test_merged_and_lead_alone_steps_are_marked(eval_file):
     page = render(load(eval_file, item="a"))
     assert "lead expert alone" in page and page.count('fill="#e15759"') == 1  # step 1 alone, the others merged
     assert "<dt>merged / lead alone</dt><dd>3 / 1</dd>" in page
+    # the lead alone with the others deferred: no agreement recorded, a grey tick instead of a bar of 0
+    assert page.count('class="noagree"') == 1 and "agreement not recorded (the others deferred)" in page
+    assert "<dt>mean agreement</dt><dd>0.50 (1 steps not recorded)</dd>" in page
 
 
 def png_size(path) -> tuple[int, int]:

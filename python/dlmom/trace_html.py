@@ -36,8 +36,10 @@ def _num(x, lo: float = 0.0, hi: float = 1.0) -> float:
 def step_tip(r: dict) -> str:
     """What hovering a step shows: its mode, entropy, agreement, merge, bus bytes, the packet's top tokens."""
     merged = {True: "merged (consensus)", False: "lead expert alone"}.get(r.get("merged"), "merged: not recorded")
-    head = (f"step {r['step']} · {r['mode']} · entropy {_num(r.get('entropy')):.3f} · agreement "
-            f"{_num(r.get('agreement')):.2f} · {merged} · bus {r.get('bus_bytes', 0)} B")
+    agreement = (f"{_num(r['agreement']):.2f}" if isinstance(r.get("agreement"), (int, float))
+                 else "not recorded" + (" (the others deferred)" if "agreement" in r else ""))
+    head = (f"step {r['step']} · {r['mode']} · entropy {_num(r.get('entropy')):.3f} · agreement {agreement} · "
+            f"{merged} · bus {r.get('bus_bytes', 0)} B")
     top = " · ".join(f"{json.dumps(str(t), ensure_ascii=False)} {float(p):.3f}" for t, p in r.get("top", []))
     lines = [head, f"shown: {json.dumps(r.get('token', ''), ensure_ascii=False)}", f"top: {top or '-'}"]
     if "switch" in r:
@@ -112,6 +114,9 @@ def _chart(k: int, trace: list[dict]) -> str:
     gap = min(1.0, sw * 0.15)
     for i, r in enumerate(trace):
         a = _num(r.get("agreement")) * ah
+        if r.get("agreement") is None:  # the other experts were deferred: a grey tick, no bar
+            out.append(f'<rect class="noagree" x="{x(i) + gap:.2f}" y="{at + ah - 2}" width="{sw - 2 * gap:.2f}" '
+                       f'height="2"/>')
         b = _num(r.get("bus_bytes"), 0, 1e18) / max_bus * bh if max_bus else 0
         merged = r.get("merged") if isinstance(r.get("merged"), bool) else None
         out.append(f'<rect class="agree" x="{x(i) + gap:.2f}" y="{at + ah - a:.1f}" width="{sw - 2 * gap:.2f}" '
@@ -146,12 +151,19 @@ def _facts(v: View) -> list[tuple[str, str]]:
                   ("switches", str(sum("switch" in r for r in t))),
                   ("merged / lead alone", f"{merged.count(True)} / {merged.count(False)}"
                    + (f" ({merged.count(None)} not recorded)" if None in merged else "")),
-                  ("mean agreement", f"{sum(_num(r.get('agreement')) for r in t) / len(t):.2f}"),
+                  ("mean agreement", _mean_agreement(t)),
                   ("bus bytes", f"{sum(int(_num(r.get('bus_bytes'), 0, 1e18)) for r in t):,}")]
     for key, label in (("tokens", "tokens processed"), ("wall_s", "wall s")):
         if isinstance(v.usage.get(key), (int, float)):
             facts.append((label, f"{v.usage[key]:,}" if key == "tokens" else f"{v.usage[key]:.2f}"))
     return facts
+
+
+def _mean_agreement(trace: list[dict]) -> str:
+    """Over the steps that recorded one (None where the gate deferred the other experts)."""
+    values = [_num(r["agreement"]) for r in trace if isinstance(r.get("agreement"), (int, float))]
+    shown = f"{sum(values) / len(values):.2f}" if values else "-"
+    return shown + (f" ({len(trace) - len(values)} steps not recorded)" if len(values) < len(trace) else "")
 
 
 def _route(route: list[dict]) -> str:
@@ -229,7 +241,7 @@ pre{white-space:pre-wrap;word-break:break-word;background:#fafafa;border:1px sol
 .chart .frame{fill:none;stroke:#bbb}.chart .grid{stroke:#ddd;stroke-dasharray:3 3}
 .chart .lab{font-size:12px;fill:#444}.chart .val{font-size:10px;fill:#777}
 .chart .entropy{fill:none;stroke:#333;stroke-width:1.4}.chart .dot{fill:#333}.chart .dot.m-latent{fill:#6a3fd1}
-.chart .agree{fill:#4c78a8}.chart .bus{fill:#f28e2b}
+.chart .agree{fill:#4c78a8}.chart .noagree{fill:#999}.chart .bus{fill:#f28e2b}
 .chart .hit{fill:transparent}.chart .hit.lit,.chart .hit:hover{fill:rgba(0,0,0,.10)}
 .chart .switch line{stroke:#d62728;stroke-dasharray:4 2;pointer-events:none}.chart .switch path{fill:#d62728}
 table.route{border-collapse:collapse;margin-top:10px;font-size:13px}

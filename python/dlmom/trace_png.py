@@ -42,6 +42,9 @@ def _panels(ax_e, ax_a, v: View) -> None:
                 ax.axvline(i - 0.5, color="#d62728", ls="--", lw=0.9)
             ax_e.plot([i - 0.5], [1.04], marker="v", color="#d62728", clip_on=False)
     ax_a.bar(xs, [_value(r.get("agreement")) for r in t], width=0.85, color="#4c78a8")
+    deferred = [i for i, r in enumerate(t) if r.get("agreement") is None]  # the others deferred: none recorded
+    if deferred:
+        ax_a.plot(deferred, [0.03] * len(deferred), "_", ms=8, mew=2, color="#999")
     alone = [i for i, r in enumerate(t) if r.get("merged") is False]
     if alone:
         ax_a.plot(alone, [1.08] * len(alone), "s", ms=2.5, color="#e15759", clip_on=False)

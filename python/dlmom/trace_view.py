@@ -48,8 +48,8 @@ def check_steps(where: str, trace: list[dict]) -> None:
             raise ValueError(f"{where}, step record {i}: step must be an integer, got {r['step']!r}")
         if r["mode"] not in MODES:
             raise ValueError(f"{where}, step record {i}: mode must be one of {', '.join(MODES)}, got {r['mode']!r}")
-        for key in ("entropy", "agreement", "bus_bytes"):
-            if key in r and not isinstance(r[key], (int, float)):
+        for key in ("entropy", "agreement", "bus_bytes"):  # agreement is None where the others were deferred
+            if key in r and not isinstance(r[key], (int, float)) and not (key == "agreement" and r[key] is None):
                 raise ValueError(f"{where}, step record {i}: {key} must be a number, got {r[key]!r}")
         if not isinstance(r.get("top", []), list) or not isinstance(r.get("token", ""), str):
             raise ValueError(f"{where}, step record {i}: top must be a list of [token, prob] and token a string")
