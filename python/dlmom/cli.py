@@ -101,6 +101,9 @@ def _check_before_loading(args: argparse.Namespace):
     except ValueError as err:
         raise ValueError(f"argument --device: {err}") from None
     check_experts(args.experts)
+    from .trace_view import check_outputs
+
+    check_outputs(args.trace_html, args.trace_png, html_option="--trace-html", png_option="--trace-png")
     return config, dtype_of(args.dtype), device
 
 
@@ -227,6 +230,10 @@ def _run(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json
     with _library_output(quiet):
         results = _generate(args, config, dtype, device, progress=not quiet)
+    if args.trace_html or args.trace_png:
+        from .trace_view import from_results, write
+
+        write(from_results(results, args.prompts), html=args.trace_html, png=args.trace_png, png_option="--trace-png")
     if args.json:
         _stdout(json.dumps(results.to_dict(), indent=1), raw=True)
         return 0
@@ -312,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print {results: [per prompt: text, trace, route, usage], usage: the batch's totals} as JSON "
                           "and nothing else (stderr as with --quiet)")
     add_flags(run.add_argument_group("mixture settings (DLMoMConfig's fields, one flag each)"), DLMoMConfig)
+    run.add_argument("--trace-html", metavar="FILE", help="after the run, write the trace view of its answers "
+                     "here (one self-contained HTML page; see dlmom trace --help)")
+    run.add_argument("--trace-png", metavar="FILE", help="after the run, write the trace view's entropy and agreement "
+                     "panels here as a PNG (needs matplotlib: pip install 'dlmom[viz]')")
     run.add_argument("--quiet", action="store_true",
                      help="no progress bars, summary line, or logging and warnings of the libraries on stderr "
                           "(errors and dlmom's own warnings still go there)")
@@ -324,8 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.command import add_eval_parser
     from .lmeval.cli import add_parser as add_lm_eval
 
+    from .trace_view import add_parser as add_trace
+
     add_eval_parser(sub)
     add_lm_eval(sub)
+    add_trace(sub)
     return parser
 
 
