@@ -29,13 +29,15 @@ def _mean(values) -> float | None:
 
 def _trace_shares(rows: list[dict]) -> dict:
     """Over a method's records with a step trace: the share of steps latent, merged (consensus engaged) and
-    where every expert's own argmax was the chosen token; mean switches."""
+    where every expert's own argmax was the chosen token (of the steps that have the others' logits); mean
+    switches."""
     steps = [t for r in rows for t in r.get("trace") or [] if "step" in t]
     if not steps:
         return {}
+    seen = [t["agreement"] for t in steps if t.get("agreement") is not None]  # None: the others were deferred
     return {"latent_share": sum(t["mode"] == "latent" for t in steps) / len(steps),
             "merged_share": sum(t.get("merged", True) for t in steps) / len(steps),
-            "agree_share": sum(t["agreement"] >= 1.0 for t in steps) / len(steps),
+            "agree_share": sum(a >= 1.0 for a in seen) / len(seen) if seen else None,
             "switches_mean": _mean(r.get("usage", {}).get("switches") for r in rows)}
 
 

@@ -108,11 +108,14 @@ def combine(logits: torch.Tensor, lead: torch.Tensor, weights: torch.Tensor | No
     """(merged [B, V] float32, alone [B] bool): the consensus of [E, B, V] logits, except in the rows where the
     gate keeps the lead alone (its normalised entropy below ``settings.gate``), which take the lead's logits."""
     s = settings
+    alone = gated(logits, lead, s)
+    if bool(alone.all()):  # the lead alone everywhere: no merge to compute
+        return lead_logits(logits, lead), alone
     if s.consensus == "contrastive":
         merged = contrastive(logits, lead, weights, contrast=s.contrast, plausibility=s.plausibility)
     else:
         merged = merge(logits, theta=s.theta, elect=s.elect, weights=weights)
-    alone = gated(logits, lead, s).to(merged.device)
+    alone = alone.to(merged.device)
     if not bool(alone.any()):
         return merged, alone
     return torch.where(alone.unsqueeze(-1), lead_logits(logits, lead), merged), alone
