@@ -5,6 +5,7 @@ import builtins
 import time
 
 import pytest
+import torch
 
 from dlmom import DLMoM, DLMoMConfig, Expert
 from dlmom import ray_placement
@@ -143,3 +144,8 @@ def test_placement_settings_are_checked():
     tok = tokenizer()
     with pytest.raises(ValueError, match=r"Expert: num_gpus must be a number >= 0, got -1"):
         Expert(llama(tok), tok, num_gpus=-1)
+
+
+def test_from_pretrained_under_ray_refuses_a_dtype_it_would_not_apply():
+    with pytest.raises(ValueError, match=r"placement='ray' loads each model inside its actor, at float32"):
+        DLMoM.from_pretrained(["some/model"], placement="ray", dtype=torch.bfloat16)

@@ -140,7 +140,11 @@ class DLMoM:
             return cls(loaded, config)
         if isinstance(experts, SINGLE_EXPERT):
             experts = [experts]
-        if config.placement == "ray":  # paths load inside the actors (at float32, on their GPU if they have one)
+        if config.placement == "ray":  # paths load inside the actors
+            if dtype != torch.float32 or torch.device(device).type != "cpu":
+                raise ValueError(f"placement='ray' loads each model inside its actor, at float32 on the actor's device "
+                                 f"(its GPU with Expert(num_gpus=...)); dtype and device are for placement='local', "
+                                 f"got dtype={dtype}, device={device}")
             return cls(list(experts), config)
 
         loaded = []
