@@ -2,6 +2,7 @@
 for every controller, with roles of one model, two models and a Text-Bridge pair; a killed actor ends the
 generation with an error naming its expert and leaves no actor behind; a later generate starts them again."""
 import builtins
+import sys
 import time
 
 import pytest
@@ -121,6 +122,40 @@ def test_a_killed_actor_names_its_expert_and_leaves_no_actor(mixtures, ray, monk
     remote.config = _config("ray", "swir")
     assert [r.text for r in remote.generate(PROMPTS, max_new_tokens=8, seed=1)] == \
         [r.text for r in local.generate(PROMPTS, max_new_tokens=8, seed=1)]
+
+
+class _HangAfter:
+    """A forward hook that stops answering after ``n`` forwards: an actor that hangs instead of dying."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, module, args, output):
+        self.n -= 1
+        if self.n < 0:
+            time.sleep(3600)
+
+
+def test_a_silent_actor_fails_within_the_timeout(ray):
+    from ray.util.state import list_actors
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels with the model
+    tok = tokenizer()
+    stuck = llama(tok, seed=2)
+    stuck.register_forward_hook(_HangAfter(4))
+    moe = DLMoM([Expert(llama(tok), tok, name="fine"), Expert(stuck, tok, name="stuck")],
+                DLMoMConfig(placement="ray", ray_timeout_s=3, preview_tokens=0))
+    tag, start = moe.placement.tag, time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"expert 'stuck' \(Ray actor dlmom-\w+-1\) did not answer within "
+                                           r"ray_timeout_s=3 s"):
+        moe.generate(PROMPTS, max_new_tokens=40)
+    assert time.perf_counter() - start < 3 * 2 + 5  # one round's timeout, not a hang
+    for _ in range(100):
+        alive = [a.name for a in list_actors() if a.name.startswith(tag) and a.state != "DEAD"]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert alive == []
 
 
 def test_placement_ray_without_ray_says_how_to_install(monkeypatch):

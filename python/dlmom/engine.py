@@ -36,7 +36,8 @@ class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerS
     (dlmom.soft_thinking.RunnerSettings): chat, share_prefill. KV caches (dlmom.kv.KVSettings): kv
     ("full", "kivi", "minicache" or "kivi+minicache"), kv_group_size, kv_residual_length, kv_merge_start,
     kv_merge_t, kv_merge_threshold. Placement (dlmom.placement.PlacementSettings): placement ("local" or "ray"),
-    ray_address, ray_timeout_s. Each field's help is in its layer's class and in ``dlmom run --help``.
+    ray_address, ray_timeout_s, ray_load_timeout_s. Each field's help is in its layer's class and in
+    ``dlmom run --help``.
     """
 
     def __post_init__(self):

@@ -21,9 +21,10 @@ class PlacementSettings:
                              "model, on this machine or a cluster; pip install 'dlmom[ray]')", choices=PLACEMENTS)
     ray_address: str | None = setting(None, "the Ray cluster to join with placement='ray' (none: RAY_ADDRESS, or "
                                       "a new local Ray instance)", optional=True)
-    ray_timeout_s: float = setting(300.0, "seconds an expert's actor may take to answer one request (a load, a "
-                                   "prefill, a step) before the generation fails naming it", number=True, lo=0,
-                                   lo_open=True)
+    ray_timeout_s: float = setting(300.0, "seconds an expert's actor may take to answer one request (a prefill, a "
+                                   "step) before the generation fails naming it", number=True, lo=0, lo_open=True)
+    ray_load_timeout_s: float = setting(1800.0, "seconds an expert's actor may take to start and load its model",
+                                        number=True, lo=0, lo_open=True)
 
     def __post_init__(self):
         check_fields(self)

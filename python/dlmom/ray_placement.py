@@ -16,7 +16,8 @@ the seconds beyond the slowest actor's own compute (``overhead_s``: communicatio
 Every actor's forward of a step is issued (``.remote``) before any is waited on (``dlmom.placement.gather``),
 so one step costs about the slowest expert plus communication. An actor that dies, or does not answer within
 ``ray_timeout_s``, ends the generation with a RuntimeError naming its experts; every actor of the DLMoM is
-killed then, and the next generate starts them again.
+killed then, and the next generate starts them again. Starting an actor and loading its model has its own
+limit, ``ray_load_timeout_s``.
 """
 from __future__ import annotations
 
@@ -273,7 +274,7 @@ class RayPlacement:
 
     def __init__(self, experts, config):
         self.ray = connect(config.ray_address)
-        self.timeout = config.ray_timeout_s
+        self.timeout, self.load_timeout = config.ray_timeout_s, config.ray_load_timeout_s
         self.tag = f"dlmom-{uuid.uuid4().hex[:8]}"  # the actors' name prefix (Ray's state API shows it)
         self.sources, self.members = [], []
         for source, members in _groups(experts):
@@ -316,11 +317,11 @@ class RayPlacement:
 
     def _describe(self) -> list[dict]:
         refs = [actor.describe.remote() for actor in self.actors]
-        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=self.load_timeout)
         out = []
         for i, ref in enumerate(refs):
             if ref not in ready:
-                self._fail(i, f"did not load its model within ray_timeout_s={self.timeout:g} s")
+                self._fail(i, f"did not load its model within ray_load_timeout_s={self.load_timeout:g} s")
             out.append(self._get(i, ref))
         return out
 
