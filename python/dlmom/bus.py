@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .placement import gather
+
 
 def packet_bytes(ids: torch.Tensor, probs: torch.Tensor) -> int:
     """Bytes of one row's packet as sent: k ids plus k probabilities, at their element sizes."""
@@ -149,7 +151,7 @@ class Bus:
                 new.append(logits[i] if out is None else out)
             else:
                 new.append(runner.feed_packet(ids, probs))
-        return new
+        return gather(new)  # a remote runner's forwards were all issued above: they run together
 
     def catch_up(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
         """Feed every deferred runner its waiting tokens (one forward each); the logits with theirs fresh."""
@@ -160,7 +162,7 @@ class Bus:
                 if out is not None:
                     logits[i] = out
         self.pending = {}
-        return logits
+        return gather(logits)
 
     @property
     def resyncs(self) -> int:

@@ -15,6 +15,7 @@ from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_exper
 from .generation import Generation, GenerationInterrupted
 from .kv import KVSettings, check_kv_residual
 from .packets import PacketSettings
+from .placement import LocalPlacement, PlacementSettings
 from .results import Result, Results
 from .router import RouterSettings
 from .settings import check_fields
@@ -24,7 +25,8 @@ __all__ = ["DLMoM", "DLMoMConfig", "Result", "Results", "GenerationInterrupted",
 
 
 @dataclasses.dataclass(kw_only=True)
-class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerSettings, RunnerSettings, KVSettings):
+class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerSettings, RunnerSettings, KVSettings,
+                  PlacementSettings):
     """Settings of the DL-MoM loop, validated on construction: one flat class of every layer's settings.
 
     Packets (dlmom.packets.PacketSettings): top_k, temperature, top_p, do_sample, noise, noise_strength.
@@ -33,7 +35,9 @@ class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerS
     variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps. Runners
     (dlmom.soft_thinking.RunnerSettings): chat, share_prefill. KV caches (dlmom.kv.KVSettings): kv
     ("full", "kivi", "minicache" or "kivi+minicache"), kv_group_size, kv_residual_length, kv_merge_start,
-    kv_merge_t, kv_merge_threshold. Each field's help is in its layer's class and in ``dlmom run --help``.
+    kv_merge_t, kv_merge_threshold. Placement (dlmom.placement.PlacementSettings): placement ("local" or "ray"),
+    ray_address, ray_timeout_s, ray_load_timeout_s. Each field's help is in its layer's class and in
+    ``dlmom run --help``.
     """
 
     def __post_init__(self):
@@ -66,6 +70,19 @@ def check_generate_args(prompts, max_new_tokens, seed, stop) -> tuple[list[str],
     return list(prompts), stops
 
 
+def _local_groups(experts: list[Expert]) -> list[list[Expert]]:
+    """The experts grouped by model object (roles of one model share a batched forward), in order of first
+    appearance; ValueError when they are on more than one device."""
+    devices = {str(e.device) for e in experts}
+    if len(devices) > 1:
+        raise ValueError(f"experts must all be on one device, got {sorted(devices)} (placement='ray' runs each "
+                         "model in its own Ray actor, on its own device)")
+    by_model: dict[int, list[Expert]] = {}
+    for e in experts:
+        by_model.setdefault(id(e.model), []).append(e)
+    return list(by_model.values())
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     """This generation's own random stream: concurrent generations never share one. Without a seed it is
     seeded from torch's global RNG, so ``torch.manual_seed`` still makes an unseeded call repeatable."""
@@ -79,28 +96,32 @@ class DLMoM:
     local folders or GGUF files; the first expert's tokenizer is the shared (primary) vocabulary."""
 
     def __init__(self, experts, config: DLMoMConfig | None = None):
-        experts = as_experts(experts)
         if config is not None and not isinstance(config, DLMoMConfig):
             raise ValueError(f"config must be a DLMoMConfig, got {type(config).__name__}")
-        devices = {str(e.device) for e in experts}
-        if len(devices) > 1:
-            raise ValueError(f"experts must all be on one device, got {sorted(devices)}")
         self.config = config or DLMoMConfig()
-        # One group per model object: roles of one model share a batched forward (one runner per generation).
-        by_model: dict[int, list[Expert]] = {}
-        for e in experts:
-            by_model.setdefault(id(e.model), []).append(e)
-        self.groups = list(by_model.values())
+        if self.config.placement == "ray":  # one actor per model: paths load there, pairs are shipped there
+            from .ray_placement import RayPlacement
+
+            self.placement = RayPlacement(experts, self.config)
+            self.groups = self.placement.groups
+        else:
+            self.groups = _local_groups(as_experts(experts))
+            self.placement = LocalPlacement(self.groups)
         self.experts = [e for group in self.groups for e in group]
-        self.primary = experts[0]
+        self.primary = self.experts[0]  # the first listed: groups keep the order of first appearance
         # The default lead expert: the most parameters, the first listed on ties (consensus.py).
-        sizes = [sum(p.numel() for p in e.model.parameters()) for e in self.experts]
+        sizes = [e.num_parameters() for e in self.experts]
         self.largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
         key = self.primary.vocab_key()
         # A group with another tokenizer is fed over the Text-Bridge; its logits meet through an alignment.
         self.bridged = [group[0].vocab_key() != key for group in self.groups]
         self.alignments: dict[int, torch.Tensor] = {}  # by group index, kept across generations
         self.busy = threading.Lock()  # held while a generation runs
+
+    def close(self) -> None:
+        """Release the experts' Ray actors (placement="ray"; nothing to do for "local"). A later generate
+        starts them again."""
+        self.placement.close()
 
     @classmethod
     def from_pretrained(cls, experts=None, *, config: DLMoMConfig | None = None, dtype: torch.dtype = torch.float32,
@@ -120,6 +141,12 @@ class DLMoM:
             return cls(loaded, config)
         if isinstance(experts, SINGLE_EXPERT):
             experts = [experts]
+        if config.placement == "ray":  # paths load inside the actors
+            if dtype != torch.float32 or torch.device(device).type != "cpu":
+                raise ValueError(f"placement='ray' loads each model inside its actor, at float32 on the actor's device "
+                                 f"(its GPU with Expert(num_gpus=...)); dtype and device are for placement='local', "
+                                 f"got dtype={dtype}, device={device}")
+            return cls(list(experts), config)
 
         loaded = []
         for i, spec in enumerate(tqdm(list(experts), desc="loading experts", disable=not progress, unit="expert")):

@@ -25,12 +25,18 @@ DEFAULT_ROLES = {
 
 @dataclasses.dataclass
 class Expert:
-    """One expert: a causal LM with its tokenizer, a name, and an optional role (a system prompt)."""
+    """One expert: a causal LM with its tokenizer, a name, and an optional role (a system prompt).
+
+    ``num_gpus`` / ``num_cpus``: what its model's Ray actor reserves under ``placement="ray"`` (roles of one
+    model share one actor, which reserves the most any of them asks; num_cpus None: Ray's default for an
+    actor). With ``num_gpus`` > 0 the actor moves the model to its GPU. Ignored under ``placement="local"``."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str = ""
     system_prompt: str | None = None
+    num_gpus: float = 0.0
+    num_cpus: float | None = None
 
     def __post_init__(self):
         if isinstance(self.model, (str, bytes, os.PathLike)):
@@ -51,8 +57,17 @@ class Expert:
             raise ValueError(f"Expert: name must be a string, got {type(self.name).__name__} {self.name!r}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"Expert: system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
+        for field in ("num_gpus", "num_cpus"):
+            value = getattr(self, field)
+            if not (value is None and field == "num_cpus") and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not value >= 0):
+                raise ValueError(f"Expert: {field} must be a number >= 0{' or None' if field == 'num_cpus' else ''}, "
+                                 f"got {value!r}")
         if not self.name:
             self.name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     @property
     def device(self) -> torch.device:

@@ -17,9 +17,9 @@ from .controller import EXPLICIT, LATENT, Controller
 from .experts import fit_budget
 from .ops import raise_pending_errors, topk_packet
 from .packets import DEFAULT_NOISE_STRENGTH, choose_token, shape_feed
+from .placement import gather
 from .results import Result, Results, Transcripts, batch_usage, prompt_usage
 from .router import Preview
-from .soft_thinking import SoftThinkingRunner
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -40,7 +40,7 @@ class Generation:
         self.moe, self.prompts, self.rng, self.batch = moe, prompts, rng, len(prompts)
         self.max_new_tokens = max_new_tokens
         self.primary = moe.primary
-        self.runners = [SoftThinkingRunner(group) for group in moe.groups]
+        self.runners = moe.placement.runners()  # SoftThinkingRunners, or proxies of runners in Ray actors
         self.experts = [e for runner in self.runners for e in runner.experts]
         self.runner_of = [i for i, runner in enumerate(self.runners) for _ in runner.experts]  # by expert
         self.bridged = moe.bridged
@@ -91,8 +91,8 @@ class Generation:
 
     def prefill(self) -> list[torch.Tensor]:
         cfg = self.config
-        logits = [runner.prefill(self.prompts, chat=cfg.chat, kv=cfg, share_prefix=cfg.share_prefill)
-                  for runner in self.runners]
+        logits = gather([runner.prefill(self.prompts, chat=cfg.chat, kv=cfg, share_prefix=cfg.share_prefill)
+                         for runner in self.runners])
         self.bus = Bus(self.runners, self.bridged, self.primary, self.alignments)
         return logits
 
@@ -195,7 +195,7 @@ class Generation:
                  for _ in runner.experts]
         usage = batch_usage("dlmom", per_prompt, wall_s=wall,
                             expert_forward_s=sum(runner.forward_s for runner in self.runners), per_expert=cache,
-                            kv=self.config.kv, bridge_resyncs=self.bus.resyncs)
+                            kv=self.config.kv, bridge_resyncs=self.bus.resyncs, **self.moe.placement.usage())
         return Results([Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], per_prompt[b])
                         for b in range(self.batch)], usage)
 
