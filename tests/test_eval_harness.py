@@ -1,5 +1,6 @@
 """dlmom.evaluation end to end with tiny random models, through the API and `dlmom eval`: records, summary,
 resume after an interruption, errors kept, batches, the time outside generation."""
+import dataclasses
 import json
 import os
 import re
@@ -126,6 +127,15 @@ def test_other_settings_or_data_are_refused(roles, gsm8k, tmp_path):
     changed = write_jsonl(tmp_path / "changed.jsonl", [{**GSM8K[0], "question": "Another question?"}])
     with pytest.raises(ValueError, match=r"item 'line-1' is another problem"):
         evaluate("gsm8k", changed, roles, "single", out=out, max_new_tokens=3, config=CONFIG)
+
+
+def test_placement_settings_do_not_change_the_records_settings(roles, gsm8k, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    evaluate("gsm8k", gsm8k, roles, "single", out=out, max_new_tokens=3, config=CONFIG, seed=0)
+    calls = Calls(monkeypatch)
+    again = evaluate("gsm8k", gsm8k, roles, "single", out=out, max_new_tokens=3, seed=0,
+                     config=dataclasses.replace(CONFIG, ray_timeout_s=5.0, ray_address="auto"))
+    assert calls.calls == [] and len(again.records) == 3  # resumed, nothing redone
 
 
 def test_an_item_that_errors_is_recorded_and_kept(roles, gsm8k, tmp_path, monkeypatch):

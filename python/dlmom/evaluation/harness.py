@@ -53,7 +53,7 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
         items = read_items(task, items)
     experts = as_experts(getattr(experts, "experts", experts))
     methods = parse_methods(methods, experts=len(experts))
-    settings = rec.settings_id({"task": task, "prompts": PROMPT_VERSION, "config": dataclasses.asdict(config),
+    settings = rec.settings_id({"task": task, "prompts": PROMPT_VERSION, "config": _answer_settings(config),
                                 "max_new_tokens": max_new_tokens, "seed": seed, "expert": expert,
                                 "limits": dataclasses.asdict(limits) if task == "humaneval" else None,
                                 "experts": [(e.name, e.system_prompt, _model_name(e)) for e in experts]})
@@ -74,6 +74,17 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
     summary = summarize(kept, methods, [i.id for i in items])
     summary.update(overhead_fraction=run.overhead_fraction(), generation_s=run.generation_s, run_s=run.run_s)
     return Evaluation(kept, summary)
+
+
+def _answer_settings(config: DLMoMConfig) -> dict:
+    """The config's fields that can change answers: placement (local or Ray actors) gives the same answers by
+    design, so its fields stay out of the records' settings and a run continues across placements."""
+    from ..placement import PlacementSettings
+
+    fields = dataclasses.asdict(config)
+    for f in dataclasses.fields(PlacementSettings):
+        fields.pop(f.name, None)
+    return fields
 
 
 _USAGE = ("generated_tokens", "latent_steps", "merged_steps", "switches", "bus_bytes", "experts")
