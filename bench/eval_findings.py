@@ -14,7 +14,9 @@ import json
 import statistics
 import sys
 
-from dlmom.evaluation.stats import paired, wilson
+from dlmom.evaluation.methods import parse_methods
+from dlmom.evaluation.report import summarize
+from dlmom.evaluation.stats import paired
 
 
 def read_records(path: str) -> list[dict]:
@@ -46,17 +48,12 @@ def summarise_run(records: list[dict]) -> dict:
     methods = list(dict.fromkeys(r["method"] for r in records))
     by = {m: {r["item"]: r for r in records if r["method"] == m} for m in methods}
     items = sorted(set.intersection(*(set(v) for v in by.values()))) if methods else []
-    table = {}
+    # accuracy, Wilson interval, tokens and wall per method: dlmom eval's own summary of these records
+    table = summarize(records, parse_methods(methods, experts=len(records)), items)["methods"]
     for m in methods:
         rows = [by[m][i] for i in items]
-        correct = sum(bool(r["correct"]) for r in rows)
-        low, high = wilson(correct, len(rows))
-        table[m] = {"items": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else None,
-                    "ci_low": low, "ci_high": high, "errors": sum(r.get("error") is not None for r in rows),
-                    "tokens_mean": _mean(r.get("tokens") for r in rows),
-                    "wall_s_mean": _mean(r.get("wall_s") for r in rows),
-                    "generated_mean": _mean(r.get("usage", {}).get("generated_tokens") for r in rows),
-                    **_trace_shares(rows)}
+        table[m].update(generated_mean=_mean(r.get("usage", {}).get("generated_tokens") for r in rows),
+                        **_trace_shares(rows))
     singles = [m for m in methods if m.split("[")[0].split(":")[0] == "single"]
     # The strongest single expert: most items right; on a tie the one listed first.
     best = max(singles, key=lambda m: (table[m]["correct"], -singles.index(m))) if singles else None
