@@ -104,11 +104,12 @@ def gated(logits: torch.Tensor, lead: torch.Tensor, settings: ConsensusSettings)
 
 
 def combine(logits: torch.Tensor, lead: torch.Tensor, weights: torch.Tensor | None,
-            settings: ConsensusSettings) -> tuple[torch.Tensor, torch.Tensor]:
+            settings: ConsensusSettings, alone: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(merged [B, V] float32, alone [B] bool): the consensus of [E, B, V] logits, except in the rows where the
-    gate keeps the lead alone (its normalised entropy below ``settings.gate``), which take the lead's logits."""
+    gate keeps the lead alone (its normalised entropy below ``settings.gate``), which take the lead's logits.
+    ``alone``: the gate's verdict when the caller has it already (``gated`` of the same lead logits)."""
     s = settings
-    alone = gated(logits, lead, s)
+    alone = gated(logits, lead, s) if alone is None else alone
     if bool(alone.all()):  # the lead alone everywhere: no merge to compute
         return lead_logits(logits, lead), alone
     if s.consensus == "contrastive":

@@ -102,10 +102,12 @@ class Generation:
         in_preview = self.preview.active(step)
         stacked = bus.stack(logits)  # [E, B, V]
         stale = bool(bus.pending)
-        if stale and (in_preview or not bool(consensus.gated(stacked, self.lead, cfg).cpu()[~done].all())):
+        # The gate reads the lead's logits only, which a deferral never leaves stale: one verdict for the step.
+        alone = consensus.gated(stacked, self.lead, cfg)
+        if stale and (in_preview or not bool(alone.cpu()[~done].all())):
             logits = bus.catch_up(logits)  # the gate opens for a prompt: every expert's logits are needed
             stacked, stale = bus.stack(logits), False
-        merged, alone = consensus.combine(stacked, self.lead, self.weights, cfg)
+        merged, alone = consensus.combine(stacked, self.lead, self.weights, cfg, alone=alone)
         packet = topk_packet(merged, self.k, temperature=cfg.temperature, top_p=cfg.top_p)
         alone = alone.cpu()
         self.merged_steps += (~alone & ~done).long()
