@@ -2,7 +2,8 @@
 decoding, optionally gated so that the lead expert decodes alone while it is confident.
 
 The lead expert of a prompt is the one the others are measured against: by default the expert with the most
-parameters (the first listed on ties), or with ``lead="router"`` the router's best after its preview.
+parameters (the first listed on ties), or with ``lead="router"`` the router's best (after its preview, or before the
+first step with ``route_by="prompt"``).
 
 - ``consensus="ties"``: contrastive TIES merging of every expert's centred logits (``ops.ties_merge``), with
   the router's weights.

@@ -30,8 +30,8 @@ class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerS
     """Settings of the DL-MoM loop, validated on construction: one flat class of every layer's settings.
 
     Packets (dlmom.packets.PacketSettings): top_k, temperature, top_p, do_sample, noise, noise_strength.
-    Consensus (dlmom.consensus.ConsensusSettings): theta, elect. Router (dlmom.router.RouterSettings): top_m,
-    preview_tokens. Controller (dlmom.controller.ControllerSettings): controller, block_size, slope_threshold,
+    Consensus (dlmom.consensus.ConsensusSettings): consensus, theta, elect, contrast, plausibility, lead, gate.
+    Router (dlmom.router.RouterSettings): top_m, preview_tokens, route_by, router_temperature. Controller (dlmom.controller.ControllerSettings): controller, block_size, slope_threshold,
     variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps. Runners
     (dlmom.soft_thinking.RunnerSettings): chat, share_prefill. KV caches (dlmom.kv.KVSettings): kv
     ("full", "kivi", "minicache" or "kivi+minicache"), kv_group_size, kv_residual_length, kv_merge_start,

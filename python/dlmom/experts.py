@@ -23,6 +23,9 @@ DEFAULT_ROLES = {
 }
 
 
+_MARKER = "dlmom0prompt0marker"  # stands in for the prompt to show where a chat template puts it
+
+
 @dataclasses.dataclass
 class Expert:
     """One expert: a causal LM with its tokenizer, a name, and an optional role (a system prompt).
@@ -110,6 +113,15 @@ class Expert:
         text = prompt if not self.system_prompt else f"{self.system_prompt}\n\n{prompt}"
         return tok.encode(text, split_special_tokens=True)
 
+    def prompt_head_ids(self, *, chat: bool) -> list[int]:
+        """The token ids ``prompt_ids`` puts before the user's text: the chat template's head with this expert's
+        system prompt, or the tokenizer's start tokens and the system prompt's paragraph."""
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            head = self._render(_MARKER).partition(_MARKER)[0]
+            return tok.encode(head, add_special_tokens=False)
+        return tok.encode(f"{self.system_prompt}\n\n" if self.system_prompt else "", split_special_tokens=True)
+
     def _render(self, content: str) -> str:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
         messages.append({"role": "user", "content": content})
@@ -123,8 +135,7 @@ class Expert:
             return tok.encode(text, add_special_tokens=False)
         # The template around the user's text keeps its control tokens; the text itself is split. A marker
         # in place of the prompt shows where the template puts it (and what it does to it, e.g. a trim).
-        marker = "dlmom0prompt0marker"
-        head, sep, tail = self._render(marker).partition(marker)
+        head, sep, tail = self._render(_MARKER).partition(_MARKER)
         if not sep or not text.startswith(head) or not text.endswith(tail) or len(text) < len(head) + len(tail):
             raise ValueError(f"expert {self.name!r}: the prompt contains the tokenizer's control string "
                              f"{controls[0]!r} and the chat template does not place the prompt where it can be kept "

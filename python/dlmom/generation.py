@@ -47,8 +47,10 @@ class Generation:
         self.alignments = moe.alignments
         self.transcripts = Transcripts(self.primary.tokenizer, self.batch, eos=self.primary.eos_ids(), stops=stops)
         self.controller = Controller.from_settings(self.batch, cfg)
+        self.routed_by = cfg.route_by if len(self.experts) > 1 else None  # one expert: nothing to route
         self.preview = Preview(self.runners, self.bridged, self.batch, chat=cfg.chat, top_m=cfg.top_m,
-                               tokens=cfg.preview_tokens if len(self.experts) > 1 else 0)
+                               tokens=cfg.preview_tokens if self.routed_by == "preview" else 0,
+                               temperature=cfg.router_temperature)
         self.weights: torch.Tensor | None = None  # [E, B] consensus weights, set by the router
         self.lead = torch.full((self.batch,), moe.largest, dtype=torch.long)  # [B] each prompt's lead expert
         self.merged_steps = torch.zeros(self.batch, dtype=torch.long)  # steps the consensus engaged (gate open)
@@ -94,6 +96,8 @@ class Generation:
         logits = gather([runner.prefill(self.prompts, chat=cfg.chat, kv=cfg, share_prefix=cfg.share_prefill)
                          for runner in self.runners])
         self.bus = Bus(self.runners, self.bridged, self.primary, self.alignments)
+        if self.routed_by == "prompt":  # routed before the first step: the dropped roles never decode
+            self.keep_rows(self.route(*self.preview.route_prompt(self.prompts)))
         return logits
 
     def step(self, step: int, logits: list[torch.Tensor], *, last: bool) -> list[torch.Tensor] | None:
@@ -125,12 +129,12 @@ class Generation:
                     alone)
         raise_pending_errors(self.primary.device)  # a CUDA kernel's value error, once per step (record synced)
         keep = (~done).expand(len(self.experts), self.batch)  # rows of finished prompts leave the batch
-        if in_preview and self.preview.ends_at(step):
-            keep = self.route() & keep  # and so do the roles the router dropped
+        if in_preview and self.preview.ends_at(step):  # and so do the roles the router dropped
+            previews = [self.transcripts.decode(ids) for ids in self.transcripts.shown]
+            keep = self.route(*self.preview.route(self.prompts, previews)) & keep
         if bool(done.all()) or last:
             return None
-        for runner, rows in zip(self.runners, keep.split([runner.roles for runner in self.runners])):
-            runner.keep_rows(rows)
+        self.keep_rows(keep)
         bus.count(step_bytes, done)
         return bus.deliver(logits, feed_ids, feed_probs, self.transcripts.last_tokens(),
                            defer=self.deferrable(alone | done, in_preview))
@@ -171,10 +175,14 @@ class Generation:
                                     switches=switches[b], bus_bytes=step_bytes[b], switch=switched.get(b),
                                     merged=merged[b])
 
-    def route(self) -> torch.Tensor:
-        """At the preview's end: the router's weights for the consensus; returns the rows it keeps [E, B]."""
-        previews = [self.transcripts.decode(s) for s in self.transcripts.shown]
-        weights, kept, records = self.preview.route(self.prompts, previews)
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Every runner keeps its rows of ``keep`` [E, B] (bool); the others leave the batch."""
+        for runner, rows in zip(self.runners, keep.split([runner.roles for runner in self.runners])):
+            runner.keep_rows(rows)
+
+    def route(self, weights: torch.Tensor, kept: torch.Tensor, records: list[list[dict]]) -> torch.Tensor:
+        """The router's verdict (after its preview, or on the prompts): its weights for the consensus and each
+        prompt's lead; returns the rows it keeps [E, B]."""
         for b, rec in enumerate(records):
             self.routes[b].extend(rec)
         self.weights = weights.to(self.primary.device)

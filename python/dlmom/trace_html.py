@@ -173,7 +173,8 @@ def _route(route: list[dict]) -> str:
         f"<tr><td>{esc(r.get('expert', '?'))}</td><td>{_fmt(r.get('bits_per_byte'))}</td>"
         f"<td class=\"{'kept' if r.get('kept') else 'dropped'}\">{'kept' if r.get('kept') else 'dropped'}</td>"
         f"<td>{_fmt(r.get('weight'))}</td></tr>" for r in route)
-    return ('<table class="route"><caption>router: each expert\'s score on the preview</caption><tr><th>expert</th>'
+    scored = esc(route[0].get("scored", "preview"))  # records before route_by existed scored the preview
+    return (f'<table class="route"><caption>router: each expert\'s score on the {scored}</caption><tr><th>expert</th>'
             '<th>bits per byte</th><th>kept</th><th>weight</th></tr>' + rows + "</table>")
 
 
