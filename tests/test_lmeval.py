@@ -156,6 +156,32 @@ def test_loglikelihood_of_a_mixture_is_the_ties_consensus(tok):
 
 
 @needs_lm_eval
+@pytest.mark.parametrize("settings", [dict(gate=1.0), dict(consensus="contrastive", contrast=0.7, plausibility=0.05)],
+                         ids=["gate-closed", "contrastive"])
+def test_loglikelihood_follows_the_configured_consensus(tok, settings):
+    # A 4-layer and a 2-layer model: the 4-layer one leads. A closed gate scores with the lead alone;
+    # contrastive consensus scores the lead's log-probs minus contrast x the other's, on the lead's plausible set.
+    from dlmom import DLMoMConfig, consensus
+    from dlmom.lmeval import DLMoMLM
+
+    big, small = llama(tok, seed=1, layers=4), llama(tok, seed=2)
+    lm = DLMoMLM([(small, tok), (big, tok)], config=DLMoMConfig(chat=False, **settings), batch_size=2,
+                 progress=False)
+    got = lm.loglikelihood(instances("loglikelihood", PAIRS))
+    for (context, continuation), (logprob, _) in zip(PAIRS, got):
+        ids, n = raw_pair(tok, context, continuation)
+        if "gate" in settings:
+            want = hf_logprob(big, ids, n)
+        else:
+            with torch.no_grad():
+                logits = torch.stack([m(torch.tensor([ids])).logits[0, len(ids) - n - 1:-1].float()
+                                      for m in (small, big)])
+            scores = consensus.contrastive(logits, torch.full((n,), 1), None, contrast=0.7, plausibility=0.05)
+            want = float(torch.log_softmax(scores, -1).gather(-1, torch.tensor(ids[len(ids) - n:]).view(-1, 1)).sum())
+        assert logprob == pytest.approx(want, abs=1e-3)
+
+
+@needs_lm_eval
 def test_is_greedy_when_the_continuation_is_the_argmax(model, tok):
     """Token level (a random model's greedy bytes need not be text): transformers' greedy tokens are greedy."""
     from dlmom.lmeval import DLMoMLM, scoring

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         description="Run lm-evaluation-harness tasks on a mixture of experts (model 'dlmom') and print lm-eval's "
                     "results table. generate_until tasks run the mixture's generation; loglikelihood (multiple "
                     "choice) and rolling (perplexity) tasks score under the consensus distribution (log-softmax of "
-                    "the TIES-merged logits, temperature 1), which needs every expert on one tokenizer. Options "
+                    "the consensus's logits: TIES, or contrastive with --consensus contrastive, gated by --gate; "
+                    "temperature 1), which needs every expert on one tokenizer. Options "
                     "take lm-eval's names (--include_path; --include-path works too).",
         epilog="Needs the eval extra: pip install 'dlmom[eval]'. The same model from Python: "
                "lm_eval.simple_evaluate(model=dlmom.lmeval.DLMoMLM([...]), tasks=[...]); from lm-eval's own "

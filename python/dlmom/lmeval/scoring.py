@@ -4,11 +4,13 @@ Each expert reads its own context (its role and chat template, as in a generatio
 continuation's tokens as explicit steps; an explicit token is the one-hot packet, whose soft embedding is exactly
 the model's token embedding, so the whole row runs as one teacher-forced forward per runner (a model and all its
 roles) instead of one step per token. At every continuation position the experts' logits go through the same
-bus (slice to the primary vocabulary) and ``consensus.merge`` (TIES with the config's theta and elect) as a decode
-step; the score is the sum over the continuation of ``log_softmax(merged logits)`` at its tokens: the consensus
-distribution at temperature 1 over the whole vocabulary (no top-k, top-p or packet temperature, which shape
-packets, not the distribution). Every expert has weight 1: the router's weights come from a generated preview,
-and a score has none.
+bus (slice to the primary vocabulary) and ``consensus.combine`` (the config's consensus: TIES with its theta and
+elect, or contrastive with its contrast and plausibility; and its gate) as a decode step; the score is the sum over
+the continuation of ``log_softmax(merged logits)`` at its tokens: the consensus distribution at temperature 1 over
+the whole vocabulary (no top-k, top-p or packet temperature, which shape packets, not the distribution). Under
+contrastive consensus a token outside the lead's plausible set scores -inf, as it can never be chosen. Every
+expert has weight 1 and the lead is the largest expert (``lead="router"`` too): the router's weights come from a
+generation, and a score has none.
 """
 from __future__ import annotations
 
@@ -129,7 +131,8 @@ def score_batch(moe, items: list[Item]) -> list[tuple[float, bool]]:
         per_runner.append(logits[:, wanted.to(logits.device)])  # [R, P, V_model]
         first += runner.roles
     stacked = Bus(runners, moe.bridged, moe.primary, moe.alignments).stack(per_runner)  # [E, P, V]
-    merged = consensus.merge(stacked, theta=moe.config.theta, elect=moe.config.elect, weights=None)  # [P, V]
+    lead = torch.full((stacked.shape[1],), moe.largest, dtype=torch.long, device=stacked.device)
+    merged, _ = consensus.combine(stacked, lead, None, moe.config)  # [P, V]
     targets = torch.tensor([t for item in items for t in item.continuation], device=merged.device)
     logp = torch.log_softmax(merged, dim=-1).gather(-1, targets.view(-1, 1))[:, 0]
     greedy = merged.argmax(-1) == targets
