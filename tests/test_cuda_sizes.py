@@ -7,7 +7,9 @@ cannot reach (issue #16), each against the CPU reference (dlmom.reference on the
 - grids with B > 65535 rows (grid.y is capped at 65535 and the kernels loop over the rest), checked whole;
 - a non-default stream behind a slow producer: torch.cuda._sleep and then the inputs' copy on a side stream, the
   op on that stream; an op launched on another stream would read the inputs before they are written;
-- concurrent calls from several host threads, each on its own stream (one on the default stream).
+- concurrent calls from several host threads, each on its own stream (one on the default stream);
+- fp16 / bf16 rows that start off a 16-byte boundary (x[:, 1:]), which the kernels must read without their
+  16-byte loads (a misaligned vector load faults on a GPU).
 
 The CUDA cases skip without a GPU. The size tests also run on the CPU at small shapes (ids ``cpu-small``): that
 runs this file's own sampling and comparisons in CI, so the GPU run finds the kernels' faults, not the test's.
@@ -223,3 +225,24 @@ def test_concurrent_calls_from_host_threads(device):
     assert len(results) == rounds * len(work)
     for n, got in results:
         assert_outputs(work[n][0], got, wants[n])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA,
+                                                                                        reason=NO_CUDA))])
+def test_rows_that_start_off_16_bytes(device, dtype):
+    # x[:, 1:] goes to the kernels as it is (unit-stride rows): rows start 2, 4, ... 14 and 0 bytes past a
+    # 16-byte boundary, so the vectorised kernels (topk_packet, ties_merge) must switch to scalar loads per row.
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(8, 4201, generator=g).to(dtype)
+    x = wide.to(device)[:, 1:]
+    assert x.data_ptr() % 16 != 0
+    assert_packet(dlmom.topk_packet(x, 50, temperature=0.7, top_p=0.9),
+                  reference.topk_packet(wide[:, 1:], 50, temperature=0.7, top_p=0.9))
+    t = grid_values(torch.empty(3, 8, 1002), g).to(dtype)
+    torch.testing.assert_close(dlmom.ties_merge(t.to(device)[..., 1:], theta=0.25).cpu(),
+                               reference.ties_merge(t[..., 1:], theta=0.25), **TOL[torch.float32])
+    weight = torch.randn(500, 97, generator=g).to(dtype)
+    ids, probs = torch.randint(0, 500, (8, 5), generator=g), torch.rand(8, 5, generator=g)
+    torch.testing.assert_close(dlmom.soft_embed(ids.to(device), probs.to(device), weight.to(device)[:, 1:]).cpu(),
+                               reference.soft_embed(ids, probs, weight[:, 1:]), **TOL[dtype])
