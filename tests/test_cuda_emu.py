@@ -70,8 +70,9 @@ def run_cases(exe: pathlib.Path, ops: list[str], at_least: int) -> list[str]:
         done = run(exe, guard)
         lines = done.stdout.splitlines()
         failed = [line for line in lines if not line.startswith("ok ")]
+        last = f"(the last case reported: {lines[-1]})" if lines else "(no case reported)"
         assert done.returncode == 0 and not failed, (
-            f"emulated {'/'.join(ops)} with EMU_GUARD={guard}: " + "\n".join(failed) + "\n" + outcome(done))
+            f"emulated {'/'.join(ops)} with EMU_GUARD={guard}: " + "\n".join(failed) + f"\n{last}\n" + outcome(done))
         assert len(lines) >= at_least, done.stdout  # every case reported
     return lines
 
