@@ -146,6 +146,8 @@ x = torch.randn(3, 9001, device=dev, generator=g)
 dlmom.topk_packet(x, 50, temperature=0.7, top_p=0.9)            # shared-memory merge of the segments
 dlmom.topk_packet(x[:1], 3000, top_p=0.5)                       # whole-segment sorts, the rank merge, tiles
 dlmom.topk_packet(x.half()[:, :7], 7)                           # one short, unaligned segment
+dlmom.topk_packet(x.bfloat16()[:, 1:], 50)                      # rows 2, 4, 6 bytes off 16: scalar loads
+dlmom.ties_merge(torch.randn(3, 2, 5004, device=dev, generator=g).bfloat16()[..., 1:])  # unaligned rows
 dlmom.ties_merge(torch.randn(3, 2, 5003, device=dev, generator=g), theta=0.5)
 dlmom.ties_merge(torch.randn(9, 2, 777, device=dev, generator=g), elect="mass",
                  weights=torch.rand(9, 2, device=dev, generator=g))  # E > 8: the generic kernel
