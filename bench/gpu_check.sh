@@ -146,6 +146,8 @@ x = torch.randn(3, 9001, device=dev, generator=g)
 dlmom.topk_packet(x, 50, temperature=0.7, top_p=0.9)            # shared-memory merge of the segments
 dlmom.topk_packet(x[:1], 3000, top_p=0.5)                       # whole-segment sorts, the rank merge, tiles
 dlmom.topk_packet(x.half()[:, :7], 7)                           # one short, unaligned segment
+dlmom.topk_packet(x.bfloat16()[:, 1:], 50)                      # rows 2, 4, 6 bytes off 16: scalar loads
+dlmom.ties_merge(torch.randn(3, 2, 5004, device=dev, generator=g).bfloat16()[..., 1:])  # unaligned rows
 dlmom.ties_merge(torch.randn(3, 2, 5003, device=dev, generator=g), theta=0.5)
 dlmom.ties_merge(torch.randn(9, 2, 777, device=dev, generator=g), elect="mass",
                  weights=torch.rand(9, 2, device=dev, generator=g))  # E > 8: the generic kernel
@@ -204,11 +206,22 @@ pytest_file() {  # pytest_file FILE SECONDS [-k SELECTION]
   [[ -f tests/$f.py ]] && stage "tests_${f#test_}" "$limit" env CUDA_LAUNCH_BLOCKING=1 \
     "$PY" -m pytest -q -p no:cacheprovider "tests/$f.py" "$@"
 }
+# tests/test_cuda_sizes.py without CUDA_LAUNCH_BLOCKING: its side-stream case needs launches that return while
+# the stream's producer still runs (it skips itself under CUDA_LAUNCH_BLOCKING=1). About 10 GiB of GPU memory.
+sizes_tests() {  # sizes_tests SECONDS
+  [[ -f tests/test_cuda_sizes.py ]] && stage tests_cuda_sizes "$1" "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/test_cuda_sizes.py
+}
 
 # ---- the stages, most important first (the budget may cut the tail) ----
 if [[ $DRY -eq 1 ]]; then
   # No GPU: the plumbing of the same invocations (CUDA cases skip themselves), and the e2e script on the CPU.
-  if has_mod pytest; then pytest_file test_cuda_divergences 120; else skip tests "pytest is not importable"; fi
+  if has_mod pytest; then
+    pytest_file test_cuda_divergences 120
+    sizes_tests 120
+  else
+    skip tests "pytest is not importable"
+  fi
   skip sanitizer "no GPU (dry run)"
   if has_mod transformers && has_mod tokenizers; then stage e2e 120 "$PY" "$OUT/e2e_tiny.py" cpu
   else skip e2e "transformers / tokenizers are not importable"; fi
@@ -217,6 +230,7 @@ else
   if has_mod pytest; then
     pytest_file test_cuda_divergences 60            # whole: its CPU twins are cheap
     pytest_file test_topk_packet 90 -k cuda          # -k cuda: the device == "cuda" parameters
+    sizes_tests 100                                  # > 2^31 elements, B > 65535, a side stream, threads
   else
     skip tests "pytest is not importable (bench/gpu_check.sh --prepare-site fills .gpu-site/ on a machine with it)"
   fi

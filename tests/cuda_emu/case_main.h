@@ -1,9 +1,11 @@
-// What the emulated cases' mains share: a pass / fail line per case and contiguous or strided Views.
+// What the emulated cases' mains share: a pass / fail line per case, contiguous or strided Views, and Buf, the
+// guarded buffer (guard.h) that every input and output of a kernel lives in.
 #pragma once
 #include <cstdio>
 #include <string>
 #include <vector>
 
+#include "guard.h"
 #include "ops.h"
 
 using dlmom::DType;

@@ -9,6 +9,9 @@
 // default 1; EMU_SEED=0 runs them in thread order), so a missing barrier that thread order would hide (thread 0
 // writes, the others read) shows. Not emulated: timing, races inside one sweep (a fiber runs to its next
 // barrier uninterrupted), the GPU's float summation order (cub sums here serially), texture / async copies.
+// Memory checks: every reinterpret_cast in the .cu files is checked for the target type's alignment
+// (checked_cast: a misaligned float4 / uint4 access aborts naming the kernel and the line), and the cases'
+// buffers sit against inaccessible pages (guard.h), so one element out of bounds kills the case.
 #pragma once
 #include <ucontext.h>
 
@@ -201,15 +204,72 @@ inline void run_grid(dim3 grid, dim3 blk, size_t smem, std::function<void()> fn)
   block() = saved;
 }
 
+// The launch that runs now (emu_source.py names each one), for the fault and alignment messages.
+struct Running {
+  const char* kernel = nullptr;
+  const char* file = nullptr;
+  int line = 0;
+};
+inline Running& running() {
+  static Running r;
+  return r;
+}
+
+// "kernel K launched at FILE:LINE, block (x, y, z) thread (x, y, z)" or "in host code (no kernel running)";
+// async-signal-safe enough for the fault handler (snprintf of plain values).
+inline void describe_running_kernel(char* buf, size_t len) {
+  const Running& r = running();
+  const Block* b = block();
+  if (r.kernel == nullptr || b == nullptr || b->cur == nullptr) {
+    std::snprintf(buf, len, "in host code (no kernel running)");
+    return;
+  }
+  std::snprintf(buf, len, "in kernel %s launched at %s:%d, block (%u, %u, %u) thread (%u, %u, %u)", r.kernel, r.file,
+                r.line, b->block_idx.x, b->block_idx.y, b->block_idx.z, b->cur->tid.x, b->cur->tid.y, b->cur->tid.z);
+}
+
 struct Launch {
   dim3 grid, blk;
   size_t smem;
   template <typename F>
   void operator()(F&& f) const { run_grid(grid, blk, smem, std::function<void()>(std::forward<F>(f))); }
+  // A launch rewritten from a .cu file: kernel's name and launch site kept for messages.
+  template <typename F>
+  void operator()(const char* kernel, const char* file, int line, F&& f) const {
+    const Running saved = running();
+    running() = Running{kernel, file, line};
+    (*this)(std::forward<F>(f));
+    running() = saved;
+  }
 };
 inline Launch launch(dim3 grid, dim3 blk, size_t smem = 0, void* = nullptr) { return Launch{grid, blk, smem}; }
 
 inline void* dyn_smem() { return block()->dyn_smem.data(); }
+
+// Every reinterpret_cast of the .cu files goes through here (emu_source.py): a pointer cast to T* must be aligned
+// to alignof(T), as the GPU requires of every access (16 bytes for float4 / uint4; x86 does not fault on a
+// misaligned vector load, so without this check the emulation would pass a kernel that faults on the GPU).
+template <typename To, typename From>
+inline To checked_cast(From p, const char* file, int line, const char* func) {
+  static_assert(!std::is_reference_v<To>, "emu: reinterpret_cast to a reference is not checked");
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
+    using Pointee = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void_v<Pointee> && !std::is_function_v<Pointee>) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+      if (a % alignof(Pointee) != 0) {
+        char where[512];
+        describe_running_kernel(where, sizeof(where));
+        std::fprintf(stderr,
+                     "emu: misaligned %zu-byte access: address %p (%zu mod %zu) cast to a %zu-byte type in %s at "
+                     "%s:%d, %s; a GPU faults here (misaligned address)\n",
+                     sizeof(Pointee), static_cast<const void*>(p), size_t(a % alignof(Pointee)), alignof(Pointee),
+                     sizeof(Pointee), func, file, line, where);
+        std::abort();
+      }
+    }
+  }
+  return reinterpret_cast<To>(p);
+}
 
 }  // namespace emu
 

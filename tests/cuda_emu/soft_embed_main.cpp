@@ -15,14 +15,14 @@ static void case_random(const char* name, int64_t B, int64_t k, int64_t V, int64
   std::mt19937 rng(seed);
   std::uniform_int_distribution<int64_t> pick(0, V - 1);
   std::normal_distribution<float> normal;
-  std::vector<int64_t> ids(size_t(B * k));
-  std::vector<float> probs(size_t(B * k));
-  std::vector<W> weight(size_t(V * w_stride));
+  Buf<int64_t> ids(size_t(B * k));
+  Buf<float> probs(size_t(B * k));
+  Buf<W> weight(size_t(V * w_stride));
   for (auto& i : ids) i = pick(rng);
   for (auto& p : probs) p = std::fabs(normal(rng));
   for (auto& w : weight) w = dlmom::from_float<W>(normal(rng));
-  std::vector<W> out(size_t(B * D));
-  std::vector<int64_t> status(4, 0);
+  Buf<W> out(size_t(B * D));
+  Buf<int64_t> status(4, 0);
   const DType wt = std::is_same_v<W, float> ? DType::f32 : DType::bf16;
   dlmom::soft_embed_cuda(view(ids.data(), DType::i64, {B, k}), view(probs.data(), DType::f32, {B, k}),
                          view(weight.data(), wt, {V, D}, {w_stride, 1}), scale, view(out.data(), wt, {B, D}),
@@ -45,10 +45,10 @@ static void case_random(const char* name, int64_t B, int64_t k, int64_t V, int64
 
 static void case_bad_id() {
   const int64_t B = 3, k = 4, V = 10, D = 5;
-  std::vector<int64_t> ids(size_t(B * k), 1);
+  Buf<int64_t> ids(size_t(B * k), 1);
   ids[size_t(2 * k + 3)] = 10;  // == V
-  std::vector<float> probs(size_t(B * k), 0.25f), weight(size_t(V * D), 1.0f), out(size_t(B * D));
-  std::vector<int64_t> status(4, 0);
+  Buf<float> probs(size_t(B * k), 0.25f), weight(size_t(V * D), 1.0f), out(size_t(B * D));
+  Buf<int64_t> status(4, 0);
   dlmom::soft_embed_cuda(view(ids.data(), DType::i64, {B, k}), view(probs.data(), DType::f32, {B, k}),
                          view(weight.data(), DType::f32, {V, D}), 1.0, view(out.data(), DType::f32, {B, D}),
                          status.data(), nullptr);
@@ -59,9 +59,9 @@ static void case_bad_id() {
 static void case_redo_fp64() {
   // 3e38 * 0.75 + 3e38 * 0.75 overflows an fp32 sum but fits after the scale 0.5: the fp64 redo path.
   const int64_t k = 2, V = 2, D = 3;
-  std::vector<int64_t> ids = {0, 1};
-  std::vector<float> probs = {0.75f, 0.75f}, weight(static_cast<size_t>(V * D), 3e38f), out(static_cast<size_t>(D));
-  std::vector<int64_t> status(4, 0);
+  Buf<int64_t> ids = {0, 1};
+  Buf<float> probs = {0.75f, 0.75f}, weight(static_cast<size_t>(V * D), 3e38f), out(static_cast<size_t>(D));
+  Buf<int64_t> status(4, 0);
   dlmom::soft_embed_cuda(view(ids.data(), DType::i64, {1, k}), view(probs.data(), DType::f32, {1, k}),
                          view(weight.data(), DType::f32, {V, D}), 0.5, view(out.data(), DType::f32, {1, D}),
                          status.data(), nullptr);
@@ -88,7 +88,7 @@ __global__ void shuffle_sum(const int* in, int* out) {
 }
 
 static void case_emulator() {
-  std::vector<int> x(64, 0);
+  Buf<int> x(64, 0);
   std::string msg = "no error";
   try {
     ::emu::launch(dim3(1), dim3(64))([&] { divergent_barrier(x.data()); });
@@ -96,7 +96,7 @@ static void case_emulator() {
     msg = e.what();
   }
   report(msg.find("barrier deadlock") != std::string::npos, "emulator reports a divergent __syncthreads: " + msg);
-  std::vector<int> in(256), out(2, 0);
+  Buf<int> in(256), out(2, 0);
   for (int i = 0; i < 256; ++i) in[size_t(i)] = i;
   ::emu::launch(dim3(2), dim3(256))([&] { shuffle_sum(in.data(), out.data()); });
   report(out[0] == 32640 && out[1] == 32640, "emulator's warp shuffles and shared memory sum 0..255 = " +
