@@ -2,10 +2,12 @@
 method's accuracy with its Wilson 95% interval, cost per item, the traces' shares (latent steps, merged
 steps, expert agreement), and each dlmom variant paired against the strongest single expert of that run.
 
-    python bench/eval_findings.py NAME=RECORDS.jsonl ... [--json bench/results/eval-cpu.json] [--markdown]
+    python bench/eval_findings.py NAME=RECORDS.jsonl[,MORE.jsonl ...] ... [--json bench/results/eval-cpu.json]
 
-NAME labels a run (e.g. qwen-0.5b+1.5b/word_problems); RECORDS is the --out file of `dlmom eval`. The grid
-that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one table per run.
+NAME labels a run (e.g. qwen-0.5b+1.5b/word_problems); RECORDS is the --out file of `dlmom eval`. Several
+files after one NAME pool their items (runs of one mixture on other items of one dev set), with the methods
+that every file has. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one
+table per run.
 """
 from __future__ import annotations
 
@@ -22,6 +24,12 @@ from dlmom.evaluation.stats import paired
 def read_records(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def pool(files: list[list[dict]]) -> list[dict]:
+    """The records of several runs on other items, restricted to the methods every run has."""
+    common = set.intersection(*({r["method"] for r in records} for records in files))
+    return [r for records in files for r in records if r["method"] in common]
 
 
 def _mean(values) -> float | None:
@@ -93,7 +101,8 @@ def markdown(name: str, run: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="NAME=RECORDS", help="a run's label and its dlmom eval --out file")
+    parser.add_argument("runs", nargs="+", metavar="NAME=RECORDS", help="a run's label and its dlmom eval --out "
+                        "file, or several (comma-separated) whose items are pooled")
     parser.add_argument("--json", metavar="FILE", help="write every run's summary here")
     args = parser.parse_args(argv)
     result = {}
@@ -102,7 +111,7 @@ def main(argv=None) -> int:
         if not eq or not name or not path:
             parser.error(f"runs: expected NAME=RECORDS.jsonl, got {spec!r}")
         try:
-            result[name] = summarise_run(read_records(path))
+            result[name] = summarise_run(pool([read_records(p) for p in path.split(",")]))
         except (OSError, json.JSONDecodeError) as err:
             parser.error(f"runs: {path}: {err}")
         print(markdown(name, result[name]), end="\n\n")

@@ -2,7 +2,7 @@
 # The evaluation grid behind docs/findings.md and bench/results/eval-cpu.json (resumable: run it again to
 # continue; records go to bench/results/eval-records/). One thread per run, so two runs share 2 cores
 # without slowing each other down:
-#   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait
+#   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait   (then qwen-more)
 #   python bench/eval_findings.py $(bash bench/eval_findings.sh runs) --json bench/results/eval-cpu.json
 # qwen needs the two Qwen2.5-Coder GGUF files (../shared/MODELS.md): QWEN05=... QWEN15=... (paths).
 set -euo pipefail
@@ -11,12 +11,26 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=bench/results/eval-records
 mkdir -p "$OUT"
 SMOL_METHODS="single:0,single:1,single:2,vote,text-mas,latent-mas,dlmom,dlmom:explicit,dlmom:explicit[gate=0.1]"
-QWEN_METHODS="single:1,single:0,dlmom:explicit[gate=0.1],dlmom:explicit[consensus=contrastive]"
+SMOL_METHODS+=",dlmom:explicit[gate=0.3],dlmom:explicit[consensus=contrastive],dlmom[noise=gumbel]"
+SMOL_METHODS+=",dlmom:explicit[route_by=prompt,router_temperature=0.1]"
+QWEN_METHODS="single:1,single:0,dlmom:explicit[gate=0.1],dlmom:explicit[consensus=contrastive],dlmom"
 
-third() {  # every 3rd dev item of a data/dev file (the Qwen pair costs ~5 min per item and method on 2 cores)
+QWEN_MORE_METHODS="single:1,dlmom:explicit[gate=0.1],dlmom:explicit[consensus=contrastive]"
+
+third() {  # every 3rd dev item of a data/dev file from item $2 (0: the first third, 1: the second)
+  local file="$OUT/$1-third$([ "$2" = 0 ] || echo "-$2").jsonl"
   python3 -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; d=[r for r in rows if r['split']=='dev'];
-print(''.join(json.dumps(r)+'\n' for r in d[::3]), end='')" "data/dev/$1.jsonl" > "$OUT/$1-third.jsonl"
-  echo "$OUT/$1-third.jsonl"
+print(''.join(json.dumps(r)+'\n' for r in d[int(sys.argv[2])::3]), end='')" "data/dev/$1.jsonl" "$2" > "$file"
+  echo "$file"
+}
+
+qwen() {  # $1: which third of the dev items, $2: methods, $3: the records' suffix
+  for set in word_problems:gsm8k functions:humaneval; do
+    name=${set%%:*}; task=${set##*:}
+    .venv/bin/dlmom eval --task "$task" --data "$(third "$name" "$1")" --experts "$QWEN05" "$QWEN15" \
+      --methods "$2" --batch-size 4 --max-new-tokens 256 --seed 0 \
+      --out "$OUT/qwen-0.5b+1.5b-$name$3.jsonl" --quiet
+  done
 }
 
 case "${1:-}" in
@@ -27,16 +41,13 @@ case "${1:-}" in
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split dev --methods "$SMOL_METHODS" \
         --batch-size 8 --max-new-tokens "$budget" --seed 0 --out "$OUT/smollm2x3-$name.jsonl" --quiet
     done ;;
-  qwen)
-    for set in word_problems:gsm8k functions:humaneval; do
-      name=${set%%:*}; task=${set##*:}
-      .venv/bin/dlmom eval --task "$task" --data "$(third "$name")" --experts "$QWEN05" "$QWEN15" \
-        --methods "$QWEN_METHODS" --batch-size 1 --max-new-tokens 256 --seed 0 \
-        --out "$OUT/qwen-0.5b+1.5b-$name.jsonl" --quiet
-    done ;;
+  qwen)  # the first third of the dev items, every method (the Qwen pair costs minutes per item and method)
+    qwen 0 "$QWEN_METHODS" "" ;;
+  qwen-more)  # the second third, the strongest single and the two variants of issue 14 only
+    qwen 1 "$QWEN_MORE_METHODS" "-more" ;;
   runs)
-    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-{word_problems,functions}.jsonl; do
+    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more}.jsonl; do
       [ -s "$f" ] && echo "$(basename "$f" .jsonl)=$f"
     done; true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|runs" >&2; exit 2 ;;
 esac
