@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 
@@ -51,6 +52,29 @@ def _trace_shares(rows: list[dict]) -> dict:
             "switches_mean": _mean(r.get("usage", {}).get("switches") for r in rows)}
 
 
+def nominal_size(expert: str) -> float:
+    """An expert's parameter count as its name states it (``...-1.5b-...``, ``SmolLM2-135M...``), in billions."""
+    found = re.findall(r"(?<![0-9.])(\d+(?:\.\d+)?)([bm])(?![a-z])", expert.lower())
+    if not found:
+        raise ValueError(f"no model size (like 1.5b or 135M) in the expert name {expert!r}")
+    number, unit = found[-1]
+    return float(number) * (1.0 if unit == "b" else 1e-3)
+
+
+def compute(record: dict) -> float:
+    """One answer's token work in billions of parameters x tokens, summed over its experts: prompt tokens plus,
+    for a single expert, its generated tokens (a batched generate keeps feeding rows that ended; the engine
+    drops them, so only the tokens the answer needed are counted), else each expert's decode tokens. An upper
+    bound of the cost on a memory-bound device, where a forward costs about one read of the weights however many
+    rows or tokens it carries: roles of one model share each forward, and a gate's deferred tokens are fed in one
+    catch-up forward."""
+    usage = record.get("usage") or {}
+    experts = usage.get("experts") or []
+    single = record["method"].split("[")[0].split(":")[0] == "single"
+    return sum(nominal_size(e["expert"]) * (e["prefill_tokens"] + (usage["generated_tokens"] if single
+                                                                     else e["decode_tokens"])) for e in experts)
+
+
 def summarise_run(records: list[dict]) -> dict:
     """One run's table: items answered by every method only (so every row is on the same items)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
@@ -61,6 +85,7 @@ def summarise_run(records: list[dict]) -> dict:
     for m in methods:
         rows = [by[m][i] for i in items]
         table[m].update(generated_mean=_mean(r.get("usage", {}).get("generated_tokens") for r in rows),
+                        compute_mean=_mean(compute(r) for r in rows),
                         **_trace_shares(rows))
     singles = [m for m in methods if m.split("[")[0].split(":")[0] == "single"]
     # The strongest single expert: most items right; on a tie the one listed first.
@@ -72,7 +97,8 @@ def summarise_run(records: list[dict]) -> dict:
         p = paired(m, best, {i: bool(by[m][i]["correct"]) for i in items},
                    {i: bool(by[best][i]["correct"]) for i in items})
         cost = table[m]["wall_s_mean"] / table[best]["wall_s_mean"] if table[best]["wall_s_mean"] else None
-        pairs.append({**p.__dict__, "wall_ratio": cost})
+        work = table[m]["compute_mean"] / table[best]["compute_mean"] if table[best]["compute_mean"] else None
+        pairs.append({**p.__dict__, "wall_ratio": cost, "compute_ratio": work})
     return {"items": len(items), "methods": table, "strongest_single": best, "paired_vs_strongest": pairs}
 
 
@@ -91,11 +117,30 @@ def markdown(name: str, run: dict) -> str:
                      f"{_pct(t.get('agree_share'))} |")
     if run["paired_vs_strongest"]:
         lines += ["", f"Paired against the strongest single expert, `{run['strongest_single']}`:", "",
-                  "| method | wins | losses | ties | difference [95% CI] | McNemar p | wall ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | wins | losses | ties | difference [95% CI] | McNemar p | wall ratio | token work ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in run["paired_vs_strongest"]:
             lines.append(f"| `{p['a']}` | {p['wins']} | {p['losses']} | {p['ties']} | {p['difference']:+.0%} "
-                         f"[{p['low']:+.0%}, {p['high']:+.0%}] | {p['p']:.3g} | {p['wall_ratio']:.2f}x |")
+                         f"[{p['low']:+.0%}, {p['high']:+.0%}] | {p['p']:.3g} | {p['wall_ratio']:.2f}x | "
+                         f"{p['compute_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def candidates(result: dict) -> str:
+    """One row per dlmom variant, one column per run: its wins / losses against that run's strongest single
+    expert, the paired difference with its 95% interval, and the token work ratio (the table that chose the
+    defaults)."""
+    names = list(result)
+    variants = list(dict.fromkeys(p["a"] for run in result.values() for p in run["paired_vs_strongest"]))
+    lines = ["| variant | " + " | ".join(f"{n} (vs `{result[n]['strongest_single']}`)" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for v in variants:
+        cells = []
+        for n in names:
+            p = next((p for p in result[n]["paired_vs_strongest"] if p["a"] == v), None)
+            cells.append("-" if p is None else f"{p['wins']}W/{p['losses']}L, {p['difference']:+.0%} "
+                         f"[{p['low']:+.0%}, {p['high']:+.0%}], {p['compute_ratio']:.1f}x")
+        lines.append(f"| `{v}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -115,6 +160,7 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as err:
             parser.error(f"runs: {path}: {err}")
         print(markdown(name, result[name]), end="\n\n")
+    print("#### Every variant against each run's strongest single expert", "", candidates(result), sep="\n", end="\n\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
