@@ -87,6 +87,7 @@ class Transcripts:
         self.traces: list[list[dict]] = [[] for _ in range(batch)]
         self.texts = [""] * batch
         self.finished = torch.zeros(batch, dtype=torch.bool)
+        self._stable = [""] * batch  # per prompt its shown ids' text without an unfinished character at the end
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -98,17 +99,26 @@ class Transcripts:
     def record(self, b: int, *, step: int, mode: str, out: int, entropy: float, top_ids: list[int],
                top_probs: list[float], agreement: float | None, switches: int, bus_bytes: int, switch: str | None,
                merged: bool) -> None:
-        """Add one step of prompt ``b`` (``out``: the token its text shows) and update its text."""
-        record = {"step": step, "mode": mode, "entropy": entropy, "id": out, "token": self.decode([out]),
+        """Add one step of prompt ``b`` (``out``: the token its text shows) and update its text. The step's
+        ``token`` is the text it adds: a character split over several tokens shows whole on the token that ends it
+        (the ones before show nothing), never as U+FFFD halves."""
+        ends = mode != "latent" and out in self.eos
+        full = None if ends else self.decode(self.shown[b] + [out])
+        if full is not None and full.startswith(self._stable[b]):
+            token = full[len(self._stable[b]):].rstrip("\ufffd")
+        else:  # the end, or a tokenizer whose text of a longer prefix rewrites the shorter one's
+            token = self.decode([out])
+        record = {"step": step, "mode": mode, "entropy": entropy, "id": out, "token": token,
                   "top": [[self.decode([i]), round(p, 4)] for i, p in zip(top_ids, top_probs)],
                   "agreement": agreement, "merged": merged, "switches": switches, "bus_bytes": bus_bytes}
         if switch is not None:
             record["switch"] = switch
         self.traces[b].append(record)
-        if mode != "latent" and out in self.eos:
+        if ends:
             self.finished[b] = True
             return
         self.shown[b].append(out)
-        self.texts[b], stopped = cut_at_stop(self.decode(self.shown[b]), self.stops)
+        self._stable[b] = full.rstrip("\ufffd")
+        self.texts[b], stopped = cut_at_stop(full, self.stops)
         if stopped:
             self.finished[b] = True
