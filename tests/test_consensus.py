@@ -151,3 +151,30 @@ def test_deferred_experts_catch_up_to_the_same_answers(pair, tok, controller, mo
     assert 0 < sum(r.usage["merged_steps"] for r in lazy) < sum(len(r.trace) for r in lazy)
     # the small expert ran fewer forwards, the same tokens
     assert lazy.usage["experts"][0]["decode_tokens"] <= eager.usage["experts"][0]["decode_tokens"]
+
+
+def test_auto_consensus_resolves_by_the_experts_sizes():
+    assert consensus.resolve("auto", [100, 300]) == "contrastive"  # 3x: a strong and a weak expert
+    assert consensus.resolve("auto", [300, 100, 150]) == "contrastive"  # exactly 2x the next largest
+    assert consensus.resolve("auto", [100, 199]) == "ties"  # under 2x
+    assert consensus.resolve("auto", [100, 100, 100]) == "ties"  # roles of one model
+    assert consensus.resolve("auto", [100]) == "ties"
+    assert consensus.resolve("contrastive", [100, 100]) == "contrastive"  # an explicit mode stays
+    with pytest.raises(ValueError, match="mode must be 'ties' or 'contrastive'"):
+        consensus.combine(torch.zeros(2, 1, 8), torch.zeros(1, dtype=torch.long), None, DLMoMConfig(),
+                          mode="auto")
+
+
+def test_auto_consensus_is_contrastive_for_a_strong_and_a_weak_expert(pair, tok):
+    small, _ = pair
+    big = llama(tok, seed=5, layers=12)
+    assert big.num_parameters() >= 2 * small.num_parameters()
+    runs = {}
+    for mode in ("auto", "contrastive", "ties"):
+        moe = DLMoM([(small, tok), (big, tok)], config=DLMoMConfig(controller="explicit", consensus=mode))
+        res = moe.generate([PROMPT], max_new_tokens=16)
+        runs[mode] = (moe.consensus, res[0].text, res.usage["consensus"])
+    assert runs["auto"] == ("contrastive", runs["contrastive"][1], "contrastive")
+    assert runs["auto"][1] != runs["ties"][1]  # the test can tell the two modes apart
+    same = DLMoM([(small, tok), (small, tok)], config=DLMoMConfig(consensus="auto"))
+    assert same.consensus == "ties"

@@ -11,6 +11,9 @@ first step with ``route_by="prompt"``).
   log-probabilities minus ``contrast`` times the others' (their router-weighted mean), over the tokens the
   lead finds plausible (p >= ``plausibility`` * its top p); every other token is -inf. With ``contrast=0``
   this is the lead's own distribution restricted to its plausible set, so greedy decoding follows the lead.
+- ``consensus="auto"``: contrastive when the largest expert has at least ``AUTO_RATIO`` (2) times the parameters
+  of every other (a strong and a weak model: contrastive decoding's setting), TIES otherwise (experts of one size,
+  roles of one model). ``DLMoM.consensus`` is what it resolved to.
 - ``gate``: the lead decodes alone (its own logits, an explicit token, no latent packet) at every step where
   its normalised entropy H / log|V| is below ``gate``; at or above it the consensus engages. 0 (the
   default) merges every step.
@@ -25,7 +28,8 @@ import torch
 from .ops import ties_merge
 from .settings import check_fields, setting
 
-CONSENSUS = ("ties", "contrastive")
+CONSENSUS = ("ties", "contrastive", "auto")
+AUTO_RATIO = 2.0  # consensus="auto": the parameter ratio from which the largest expert leads by contrast
 LEADS = ("largest", "router")
 
 
@@ -33,8 +37,10 @@ LEADS = ("largest", "router")
 class ConsensusSettings:
     """Consensus (fields of DLMoMConfig)."""
 
-    consensus: str = setting("ties", "how the experts' logits merge: ties (TIES merging of every expert) or "
-                             "contrastive (the lead's log-probs minus contrast x the others')", choices=CONSENSUS)
+    consensus: str = setting("ties", "how the experts' logits merge: ties (TIES merging of every expert), "
+                             "contrastive (the lead's log-probs minus contrast x the others'), or auto (contrastive "
+                             "when the largest expert has at least twice the parameters of every other, else ties)",
+                             choices=CONSENSUS)
     theta: float = setting(0.0, "TIES trim: centred logits with |v| < theta count as 0", number=True, lo=0)
     elect: str = setting("vote", "sign election per token: vote (sign of the sum of signs) or mass (sign of the "
                          "sum)", choices=("vote", "mass"))
@@ -49,6 +55,17 @@ class ConsensusSettings:
 
     def __post_init__(self):
         check_fields(self)
+
+
+def resolve(consensus: str, sizes: list[int]) -> str:
+    """The consensus mode ("ties" or "contrastive") that ``consensus`` means for experts of these parameter
+    counts: "auto" is contrastive when the largest has at least AUTO_RATIO times every other's, else ties."""
+    if consensus != "auto":
+        return consensus
+    if len(sizes) < 2:
+        return "ties"
+    top, *rest = sorted(sizes, reverse=True)
+    return "contrastive" if top >= AUTO_RATIO * rest[0] else "ties"
 
 
 def merge(logits: torch.Tensor, *, theta: float, elect: str, weights: torch.Tensor | None) -> torch.Tensor:
@@ -105,15 +122,21 @@ def gated(logits: torch.Tensor, lead: torch.Tensor, settings: ConsensusSettings)
 
 
 def combine(logits: torch.Tensor, lead: torch.Tensor, weights: torch.Tensor | None,
-            settings: ConsensusSettings, alone: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            settings: ConsensusSettings, *, mode: str | None = None, alone: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(merged [B, V] float32, alone [B] bool): the consensus of [E, B, V] logits, except in the rows where the
     gate keeps the lead alone (its normalised entropy below ``settings.gate``), which take the lead's logits.
-    ``alone``: the gate's verdict when the caller has it already (``gated`` of the same lead logits)."""
-    s = settings
+    ``mode``: "ties" or "contrastive" (default: ``settings.consensus``; "auto" must be resolved first, see
+    ``resolve``). ``alone``: the gate's verdict when the caller has it already (``gated`` of the same lead
+    logits)."""
+    s, mode = settings, mode or settings.consensus
+    if mode not in ("ties", "contrastive"):
+        raise ValueError(f"combine: mode must be 'ties' or 'contrastive' (resolve 'auto' with consensus.resolve), "
+                         f"got {mode!r}")
     alone = gated(logits, lead, s) if alone is None else alone
     if bool(alone.all()):  # the lead alone everywhere: no merge to compute
         return lead_logits(logits, lead), alone
-    if s.consensus == "contrastive":
+    if mode == "contrastive":
         merged = contrastive(logits, lead, weights, contrast=s.contrast, plausibility=s.plausibility)
     else:
         merged = merge(logits, theta=s.theta, elect=s.elect, weights=weights)

@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from .consensus import ConsensusSettings
+from .consensus import ConsensusSettings, resolve as resolve_consensus
 from .controller import ControllerSettings
 from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts
 from .generation import Generation, GenerationInterrupted
@@ -112,6 +112,8 @@ class DLMoM:
         # The default lead expert: the most parameters, the first listed on ties (consensus.py).
         sizes = [e.num_parameters() for e in self.experts]
         self.largest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+        # What the config's consensus means for these experts ("auto": by their sizes): "ties" or "contrastive".
+        self.consensus = resolve_consensus(self.config.consensus, sizes)
         key = self.primary.vocab_key()
         # A group with another tokenizer is fed over the Text-Bridge; its logits meet through an alignment.
         self.bridged = [group[0].vocab_key() != key for group in self.groups]

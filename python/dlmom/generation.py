@@ -111,7 +111,8 @@ class Generation:
         if stale and (in_preview or not bool(alone.cpu()[~done].all())):
             logits = bus.catch_up(logits)  # the gate opens for a prompt: every expert's logits are needed
             stacked, stale = bus.stack(logits), False
-        merged, alone = consensus.combine(stacked, self.lead, self.weights, cfg, alone=alone)
+        merged, alone = consensus.combine(stacked, self.lead, self.weights, cfg, mode=self.moe.consensus,
+                                          alone=alone)
         packet = topk_packet(merged, self.k, temperature=cfg.temperature, top_p=cfg.top_p)
         alone = alone.cpu()
         self.merged_steps += (~alone & ~done).long()
@@ -205,7 +206,7 @@ class Generation:
                  for _ in runner.experts]
         usage = batch_usage("dlmom", per_prompt, wall_s=wall,
                             expert_forward_s=sum(runner.forward_s for runner in self.runners), per_expert=cache,
-                            kv=self.config.kv, bridge_resyncs=self.bus.resyncs, **self.moe.placement.usage())
+                            kv=self.config.kv, consensus=self.moe.consensus, bridge_resyncs=self.bus.resyncs, **self.moe.placement.usage())
         return Results([Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], per_prompt[b])
                         for b in range(self.batch)], usage)
 

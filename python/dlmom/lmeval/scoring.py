@@ -132,7 +132,7 @@ def score_batch(moe, items: list[Item]) -> list[tuple[float, bool]]:
         first += runner.roles
     stacked = Bus(runners, moe.bridged, moe.primary, moe.alignments).stack(per_runner)  # [E, P, V]
     lead = torch.full((stacked.shape[1],), moe.largest, dtype=torch.long, device=stacked.device)
-    merged, _ = consensus.combine(stacked, lead, None, moe.config)  # [P, V]
+    merged, _ = consensus.combine(stacked, lead, None, moe.config, mode=moe.consensus)  # [P, V]
     targets = torch.tensor([t for item in items for t in item.continuation], device=merged.device)
     logp = torch.log_softmax(merged, dim=-1).gather(-1, targets.view(-1, 1))[:, 0]
     greedy = merged.argmax(-1) == targets
