@@ -138,6 +138,17 @@ def test_placement_settings_do_not_change_the_records_settings(roles, gsm8k, tmp
     assert calls.calls == [] and len(again.records) == 3  # resumed, nothing redone
 
 
+def test_a_field_added_later_keeps_earlier_records_at_its_neutral_value():
+    from dlmom.evaluation.harness import _ADDED_FIELDS, _answer_settings
+
+    plain = _answer_settings(CONFIG)
+    assert not set(_ADDED_FIELDS) & set(plain)  # the settings records written before these fields existed
+    routed = _answer_settings(dataclasses.replace(CONFIG, route_by="prompt"))
+    assert routed["route_by"] == "prompt" and {**plain, "route_by": "prompt"} == routed  # it changes answers
+    for name, neutral in _ADDED_FIELDS.items():
+        assert DLMoMConfig.__dataclass_fields__[name].default == neutral
+
+
 def test_an_item_that_errors_is_recorded_and_kept(roles, gsm8k, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     Calls(monkeypatch, fail=lambda method, prompts: method == "text-mas" and "Ana had" in prompts[0])

@@ -76,14 +76,24 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
     return Evaluation(kept, summary)
 
 
+# Fields added to DLMoMConfig after records were first written, with the value that keeps the earlier answers:
+# at that value a field stays out of the records' settings, so the earlier records stay valid; at any other it is
+# in (it changes answers). A new field joins this list with its neutral value.
+_ADDED_FIELDS = {"route_by": "preview", "router_temperature": 1.0}
+
+
 def _answer_settings(config: DLMoMConfig) -> dict:
     """The config's fields that can change answers: placement (local or Ray actors) gives the same answers by
-    design, so its fields stay out of the records' settings and a run continues across placements."""
+    design, so its fields stay out of the records' settings and a run continues across placements; a field added
+    later stays out while it has its neutral value (``_ADDED_FIELDS``)."""
     from ..placement import PlacementSettings
 
     fields = dataclasses.asdict(config)
     for f in dataclasses.fields(PlacementSettings):
         fields.pop(f.name, None)
+    for name, neutral in _ADDED_FIELDS.items():
+        if fields.get(name) == neutral:
+            fields.pop(name)
     return fields
 
 
