@@ -206,7 +206,8 @@ class Generation:
                  for _ in runner.experts]
         usage = batch_usage("dlmom", per_prompt, wall_s=wall,
                             expert_forward_s=sum(runner.forward_s for runner in self.runners), per_expert=cache,
-                            kv=self.config.kv, consensus=self.moe.consensus, bridge_resyncs=self.bus.resyncs, **self.moe.placement.usage())
+                            kv=self.config.kv, consensus=self.moe.consensus, bridge_resyncs=self.bus.resyncs,
+                            **self.moe.placement.usage())
         return Results([Result(self.transcripts.texts[b], self.transcripts.traces[b], self.routes[b], per_prompt[b])
                         for b in range(self.batch)], usage)
 
