@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=bench/results/eval-records
+# The settings the records were made with: `dlmom` in them is the engine's defaults before issue 14 (SwiReasoning
+# and TIES); the defaults since are dlmom:explicit[consensus=auto] (TIES for SmolLM2's roles, contrastive for Qwen).
+PIN="--controller swir --consensus ties"
 mkdir -p "$OUT"
 SMOL_METHODS="single:0,single:1,single:2,vote,text-mas,latent-mas,dlmom,dlmom:explicit,dlmom:explicit[gate=0.1]"
 SMOL_METHODS+=",dlmom:explicit[gate=0.3],dlmom:explicit[consensus=contrastive],dlmom[noise=gumbel]"
@@ -29,7 +32,7 @@ qwen() {  # $1: which third of the dev items, $2: methods, $3: the records' suff
     name=${set%%:*}; task=${set##*:}
     .venv/bin/dlmom eval --task "$task" --data "$(third "$name" "$1")" --experts "$QWEN05" "$QWEN15" \
       --methods "$2" --batch-size 4 --max-new-tokens 256 --seed 0 \
-      --out "$OUT/qwen-0.5b+1.5b-$name$3.jsonl" --quiet
+      --out "$OUT/qwen-0.5b+1.5b-$name$3.jsonl" --quiet $PIN
   done
 }
 
@@ -39,7 +42,7 @@ case "${1:-}" in
     for set in answers:jsonl:96 word_problems:gsm8k:256 functions:humaneval:256; do
       IFS=: read -r name task budget <<< "$set"
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split dev --methods "$SMOL_METHODS" \
-        --batch-size 8 --max-new-tokens "$budget" --seed 0 --out "$OUT/smollm2x3-$name.jsonl" --quiet
+        --batch-size 8 --max-new-tokens "$budget" --seed 0 --out "$OUT/smollm2x3-$name.jsonl" --quiet $PIN
     done ;;
   qwen)  # the first third of the dev items, every method (the Qwen pair costs minutes per item and method)
     qwen 0 "$QWEN_METHODS" "" ;;

@@ -49,12 +49,12 @@ def test_gate_opens_exactly_at_its_threshold():
     lead = torch.tensor([0, 1, 0])
     h = consensus.normalised_entropy(consensus.lead_logits(x, lead))
     cfg = DLMoMConfig(gate=float(h[1]))
-    merged, alone = consensus.combine(x, lead, None, cfg)
+    merged, alone = consensus.combine(x, lead, None, cfg, mode="ties")
     assert not alone[1]  # at the threshold: the consensus engages
     assert torch.equal(alone, h < h[1])
     torch.testing.assert_close(merged[1], consensus.merge(x, theta=0.0, elect="vote", weights=None)[1])
     above = DLMoMConfig(gate=math.nextafter(float(h[1]), 1.0))
-    merged, alone = consensus.combine(x, lead, None, above)
+    merged, alone = consensus.combine(x, lead, None, above, mode="ties")
     assert alone[1]  # just above it: the lead alone
     torch.testing.assert_close(merged[1], x[1, 1])
 

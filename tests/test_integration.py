@@ -33,10 +33,21 @@ def test_explicit_single_expert_equals_generate(smol):
     assert got == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_default_three_roles_think_in_latent_space(smol):
+def test_default_three_roles_write_tokens_by_ties(smol):
+    # The defaults (chosen on the dev sets, docs/findings.md): explicit tokens, and TIES for roles of one model.
+    experts = default_experts()
+    moe = DLMoM(experts)
+    assert moe.consensus == "ties"
+    res = moe.generate(["What is 12 * 7?"], max_new_tokens=24, seed=0)[0]
+    modes = [t["mode"] for t in res.trace]
+    assert modes[:5] == ["preview"] * 5 and set(modes[5:]) == {"explicit"}, modes
+    assert res.usage["latent_steps"] == 0 and res.text.strip()
+
+
+def test_three_roles_think_in_latent_space_under_swir(smol):
     experts = default_experts()
     assert len({id(e.model) for e in experts}) == 1 and len(experts) == 3
-    moe = DLMoM(experts)
+    moe = DLMoM(experts, config=DLMoMConfig(controller="swir"))
     assert len(moe.groups) == 1  # three roles, one batched forward
     res = moe.generate(["What is 12 * 7?"], max_new_tokens=24, seed=0)[0]
     assert res.text.strip()

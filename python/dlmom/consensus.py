@@ -11,7 +11,7 @@ first step with ``route_by="prompt"``).
   log-probabilities minus ``contrast`` times the others' (their router-weighted mean), over the tokens the
   lead finds plausible (p >= ``plausibility`` * its top p); every other token is -inf. With ``contrast=0``
   this is the lead's own distribution restricted to its plausible set, so greedy decoding follows the lead.
-- ``consensus="auto"``: contrastive when the largest expert has at least ``AUTO_RATIO`` (2) times the parameters
+- ``consensus="auto"`` (the default): contrastive when the largest expert has at least ``AUTO_RATIO`` (2) times the parameters
   of every other (a strong and a weak model: contrastive decoding's setting), TIES otherwise (experts of one size,
   roles of one model). ``DLMoM.consensus`` is what it resolved to.
 - ``gate``: the lead decodes alone (its own logits, an explicit token, no latent packet) at every step where
@@ -37,7 +37,7 @@ LEADS = ("largest", "router")
 class ConsensusSettings:
     """Consensus (fields of DLMoMConfig)."""
 
-    consensus: str = setting("ties", "how the experts' logits merge: ties (TIES merging of every expert), "
+    consensus: str = setting("auto", "how the experts' logits merge: ties (TIES merging of every expert), "
                              "contrastive (the lead's log-probs minus contrast x the others'), or auto (contrastive "
                              "when the largest expert has at least twice the parameters of every other, else ties)",
                              choices=CONSENSUS)

@@ -32,7 +32,7 @@ CONTROLLERS = ("swir", "explicit", "latent")
 class ControllerSettings:
     """The controller's settings (fields of DLMoMConfig)."""
 
-    controller: str = setting("swir", "swir: switch between latent packets and explicit tokens on the entropy "
+    controller: str = setting("explicit", "swir: switch between latent packets and explicit tokens on the entropy "
                               "trend; explicit: always tokens; latent: packets until max_latent_steps, then tokens",
                               choices=CONTROLLERS)
     block_size: int = setting(4, "steps per entropy block; swir decides at block ends (the least dwell in a mode)",
