@@ -31,24 +31,24 @@ def _match_back(text: str, end: int) -> int:
     return i
 
 
-def _match_paren(text: str, start: int) -> int:
-    """Index just past the ')' that closes the '(' at text[start]."""
+def _match(text: str, start: int, pair: str, what: str) -> int:
+    """Index just past the closing bracket of ``pair`` ("()" or "<>") that matches the one at text[start]."""
     depth = 0
     for i in range(start, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        depth += {pair[0]: 1, pair[1]: -1}.get(text[i], 0)
         if depth == 0:
             return i + 1
-    raise ValueError("unbalanced parentheses after a launch")
+    raise ValueError(f"unbalanced {pair[0]}...{pair[1]} after {what}")
+
+
+def _match_paren(text: str, start: int) -> int:
+    """Index just past the ')' that closes the '(' at text[start]."""
+    return _match(text, start, "()", "a launch")
 
 
 def _match_angle(text: str, start: int) -> int:
     """Index just past the '>' that closes the '<' at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += {"<": 1, ">": -1}.get(text[i], 0)
-        if depth == 0:
-            return i + 1
-    raise ValueError("unbalanced <...> after a reinterpret_cast")
+    return _match(text, start, "<>", "a reinterpret_cast")
 
 
 def _checked_casts(text: str) -> str:
