@@ -230,26 +230,27 @@ def test_cli_prints_the_table_and_continues(model_folder, gsm8k, tmp_path):
 
 
 def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
-    # Enough items that the run is still going when the interrupt lands (the explicit default is quick).
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {n}.", "answer": n} for n in range(48)])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {n}.", "answer": n} for n in range(16)])
     out = tmp_path / "out.jsonl"
+    # swir (latent steps): the slower controller keeps the run going when the interrupt lands; under the quicker
+    # explicit default the interrupted run was seen to finish in CI.
     command = ["--task", "jsonl", "--data", str(data), "--experts", model_folder, "--methods", "single,dlmom",
-               "--max-new-tokens", "16", "--preview-tokens", "2", "--out", str(out), "--quiet"]
+               "--max-new-tokens", "16", "--preview-tokens", "2", "--controller", "swir", "--out", str(out), "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "dlmom", "eval", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "the same command continues" in err, err
     before = lines(out)
-    assert 2 <= len(before) < 96
+    assert 3 <= len(before) < 32
     done = dlmom_eval(*command)
     assert done.returncode == 0, done.stderr
     after = lines(out)
-    assert after[:len(before)] == before and len(after) == 96
-    assert len({(r["item"], r["method"]) for r in after}) == 96
+    assert after[:len(before)] == before and len(after) == 32
+    assert len({(r["item"], r["method"]) for r in after}) == 32
 
 
 @pytest.mark.parametrize("rows, args, message", [
