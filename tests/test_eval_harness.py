@@ -236,8 +236,11 @@ def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
     # explicit default the interrupted run was seen to finish in CI.
     command = ["--task", "jsonl", "--data", str(data), "--experts", model_folder, "--methods", "single,dlmom",
                "--max-new-tokens", "16", "--preview-tokens", "2", "--controller", "swir", "--out", str(out), "--quiet"]
+    # A run started in the background (nohup, `&`) inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: restore the default so the interrupt lands as a user's Ctrl-C would.
     proc = subprocess.Popen([sys.executable, "-m", "dlmom", "eval", *command], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
         time.sleep(0.05)
