@@ -2,7 +2,7 @@
 # The evaluation grid behind docs/findings.md and bench/results/eval-cpu.json (resumable: run it again to
 # continue; records go to bench/results/eval-records/). One thread per run, so two runs share 2 cores
 # without slowing each other down:
-#   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait   (then qwen-more)
+#   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait   (then qwen-more and qwen-rest)
 #   python bench/eval_findings.py $(bash bench/eval_findings.sh runs) --json bench/results/eval-cpu.json
 # qwen needs the two Qwen2.5-Coder GGUF files (../shared/MODELS.md): QWEN05=... QWEN15=... (paths).
 set -euo pipefail
@@ -18,9 +18,11 @@ SMOL_METHODS+=",dlmom:explicit[gate=0.3],dlmom:explicit[consensus=contrastive],d
 SMOL_METHODS+=",dlmom:explicit[route_by=prompt,router_temperature=0.1]"
 QWEN_METHODS="single:1,single:0,dlmom:explicit[gate=0.1],dlmom:explicit[consensus=contrastive],dlmom"
 
-QWEN_MORE_METHODS="single:1,dlmom:explicit[gate=0.1],dlmom:explicit[consensus=contrastive]"
+# The other two thirds: the strongest single and the default for this pair (contrastive). The gate ran on the
+# second third of the word problems and was dropped after it (0 wins, 3 losses against the 1.5B).
+QWEN_MORE_METHODS="single:1,dlmom:explicit[consensus=contrastive]"
 
-third() {  # every 3rd dev item of a data/dev file from item $2 (0: the first third, 1: the second)
+third() {  # every 3rd dev item of a data/dev file from item $2 (0: the first third, 1: the second, 2: the last)
   local file="$OUT/$1-third$([ "$2" = 0 ] || echo "-$2").jsonl"
   python3 -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; d=[r for r in rows if r['split']=='dev'];
 print(''.join(json.dumps(r)+'\n' for r in d[int(sys.argv[2])::3]), end='')" "data/dev/$1.jsonl" "$2" > "$file"
@@ -46,11 +48,13 @@ case "${1:-}" in
     done ;;
   qwen)  # the first third of the dev items, every method (the Qwen pair costs minutes per item and method)
     qwen 0 "$QWEN_METHODS" "" ;;
-  qwen-more)  # the second third, the strongest single and the two variants of issue 14 only
+  qwen-more)  # the second third of the dev items
     qwen 1 "$QWEN_MORE_METHODS" "-more" ;;
+  qwen-rest)  # the last third
+    qwen 2 "$QWEN_MORE_METHODS" "-rest" ;;
   runs)
-    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more}.jsonl; do
+    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
       [ -s "$f" ] && echo "$(basename "$f" .jsonl)=$f"
     done; true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|runs" >&2; exit 2 ;;
 esac
