@@ -232,10 +232,8 @@ def test_cli_prints_the_table_and_continues(model_folder, gsm8k, tmp_path):
 def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {n}.", "answer": n} for n in range(16)])
     out = tmp_path / "out.jsonl"
-    # swir (latent steps): the slower controller keeps the run going when the interrupt lands; under the quicker
-    # explicit default the interrupted run was seen to finish in CI.
     command = ["--task", "jsonl", "--data", str(data), "--experts", model_folder, "--methods", "single,dlmom",
-               "--max-new-tokens", "16", "--preview-tokens", "2", "--controller", "swir", "--out", str(out), "--quiet"]
+               "--max-new-tokens", "16", "--preview-tokens", "2", "--out", str(out), "--quiet"]
     # A run started in the background (nohup, `&`) inherits SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: restore the default so the interrupt lands as a user's Ctrl-C would.
     proc = subprocess.Popen([sys.executable, "-m", "dlmom", "eval", *command], stdout=subprocess.PIPE,

@@ -31,13 +31,15 @@ class DLMoMConfig(PacketSettings, ConsensusSettings, RouterSettings, ControllerS
 
     Packets (dlmom.packets.PacketSettings): top_k, temperature, top_p, do_sample, noise, noise_strength.
     Consensus (dlmom.consensus.ConsensusSettings): consensus, theta, elect, contrast, plausibility, lead, gate.
-    Router (dlmom.router.RouterSettings): top_m, preview_tokens, route_by, router_temperature. Controller (dlmom.controller.ControllerSettings): controller, block_size, slope_threshold,
-    variance_threshold, entropy_threshold, start_mode, max_switches, max_latent_steps. Runners
-    (dlmom.soft_thinking.RunnerSettings): chat, share_prefill. KV caches (dlmom.kv.KVSettings): kv
-    ("full", "kivi", "minicache" or "kivi+minicache"), kv_group_size, kv_residual_length, kv_merge_start,
-    kv_merge_t, kv_merge_threshold. Placement (dlmom.placement.PlacementSettings): placement ("local" or "ray"),
-    ray_address, ray_timeout_s, ray_load_timeout_s. Each field's help is in its layer's class and in
-    ``dlmom run --help``.
+    Router (dlmom.router.RouterSettings): top_m, preview_tokens, route_by, router_temperature.
+    Controller (dlmom.controller.ControllerSettings): controller, block_size, slope_threshold, variance_threshold,
+    entropy_threshold, start_mode, max_switches, max_latent_steps.
+    Runners (dlmom.soft_thinking.RunnerSettings): chat, share_prefill.
+    KV caches (dlmom.kv.KVSettings): kv ("full", "kivi", "minicache" or "kivi+minicache"), kv_group_size,
+    kv_residual_length, kv_merge_start, kv_merge_t, kv_merge_threshold.
+    Placement (dlmom.placement.PlacementSettings): placement ("local" or "ray"), ray_address, ray_timeout_s,
+    ray_load_timeout_s.
+    Each field's help is in its layer's class and in ``dlmom run --help``.
     """
 
     def __post_init__(self):
