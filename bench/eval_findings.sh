@@ -52,6 +52,8 @@ case "${1:-}" in
     qwen 1 "$QWEN_MORE_METHODS" "-more" ;;
   qwen-rest)  # the last third
     qwen 2 "$QWEN_MORE_METHODS" "-rest" ;;
+  qwen-baselines)  # vote and text-mas on the first third (latent-mas needs roles of one model)
+    qwen 0 "vote,text-mas" "" ;;
   qwen-answers)  # every dev short answer (96 new tokens are minutes less per item than 256)
     .venv/bin/dlmom eval --task jsonl --data data/dev/answers.jsonl --split dev --experts "$QWEN05" "$QWEN15" \
       --methods "$QWEN_MORE_METHODS,single:0" --batch-size 4 --max-new-tokens 96 --seed 0 \
@@ -60,5 +62,5 @@ case "${1:-}" in
     for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-answers.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
       [ -s "$f" ] && echo "$(basename "$f" .jsonl)=$f"
     done; true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|runs" >&2; exit 2 ;;
 esac
