@@ -149,6 +149,25 @@ def test_a_field_added_later_keeps_earlier_records_at_its_neutral_value():
         assert DLMoMConfig.__dataclass_fields__[name].default == neutral
 
 
+# The config fields in the records' settings hash when the dev-set records (bench/results/eval-records) were made.
+RECORDED_FIELDS = {
+    "block_size", "chat", "consensus", "contrast", "controller", "do_sample", "elect", "entropy_threshold", "gate",
+    "kv", "kv_group_size", "kv_merge_start", "kv_merge_t", "kv_merge_threshold", "kv_residual_length", "lead",
+    "max_latent_steps", "max_switches", "noise", "noise_strength", "plausibility", "preview_tokens",
+    "share_prefill", "slope_threshold", "start_mode", "temperature", "theta", "top_k", "top_m", "top_p",
+    "variance_threshold"}
+
+
+def test_a_new_config_field_is_listed_with_its_neutral_value():
+    """A field added to DLMoMConfig must join _ADDED_FIELDS (or PlacementSettings): otherwise every record file
+    written before it is refused as "made with other settings"."""
+    from dlmom.evaluation.harness import _answer_settings
+
+    new = set(_answer_settings(DLMoMConfig())) - RECORDED_FIELDS
+    assert not new, f"add {sorted(new)} to dlmom.evaluation.harness._ADDED_FIELDS with the value that keeps " \
+                    "the earlier answers"
+
+
 def test_an_item_that_errors_is_recorded_and_kept(roles, gsm8k, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     Calls(monkeypatch, fail=lambda method, prompts: method == "text-mas" and "Ana had" in prompts[0])
