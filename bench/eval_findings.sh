@@ -54,6 +54,13 @@ case "${1:-}" in
     qwen 1 "$QWEN_MORE_METHODS" "-more" ;;
   qwen-rest)  # the last third
     qwen 2 "$QWEN_MORE_METHODS" "-rest" ;;
+  qwen-test)  # the held-out split, once, for the default chosen on the dev items: the 1.5B alone and contrastive
+    for set in word_problems:gsm8k:256 answers:jsonl:96 functions:humaneval:256; do
+      IFS=: read -r name task budget <<< "$set"
+      .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split test --experts "$QWEN05" "$QWEN15" \
+        --methods "$QWEN_MORE_METHODS" --batch-size 4 --max-new-tokens "$budget" --seed 0 \
+        --out "$OUT/qwen-0.5b+1.5b-$name-test.jsonl" --quiet $PIN
+    done ;;
   qwen-baselines)  # vote and text-mas on the first third (latent-mas needs roles of one model)
     qwen 0 "vote,text-mas" "" ;;
   qwen-answers)  # every dev short answer (96 new tokens are minutes less per item than 256)
@@ -61,8 +68,8 @@ case "${1:-}" in
       --methods "$QWEN_MORE_METHODS,single:0" --batch-size 4 --max-new-tokens 96 --seed 0 \
       --out "$OUT/qwen-0.5b+1.5b-answers.jsonl" --quiet $PIN ;;
   runs)
-    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-answers.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
+    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-answers.jsonl "$OUT"/qwen-*-test.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
       [ -s "$f" ] && echo "$(basename "$f" .jsonl)=$f"
     done; true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|runs" >&2; exit 2 ;;
 esac
