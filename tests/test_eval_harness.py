@@ -149,6 +149,45 @@ def test_a_field_added_later_keeps_earlier_records_at_its_neutral_value():
         assert DLMoMConfig.__dataclass_fields__[name].default == neutral
 
 
+def test_a_gguf_expert_elsewhere_continues_the_run(tmp_path, monkeypatch):
+    """The same GGUF file at another path (another checkout's package, a reinstall: a new mtime too) continues
+    a run; records written before experts were named by their file (by the converted cache folder) still do at
+    the path they were made with."""
+    import shutil
+
+    from dlmom.loading import load_pretrained
+    from test_loading import write_tiny_gguf
+
+    monkeypatch.setenv("DLMOM_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "a" / "tiny.gguf"
+    first.parent.mkdir()
+    write_tiny_gguf(first)
+    (tmp_path / "b").mkdir()
+    moved = shutil.copy(first, tmp_path / "b" / "tiny.gguf")
+    data = write_jsonl(tmp_path / "d.jsonl", GSM8K[:2])
+    experts = [Expert(*load_pretrained(path), name="tiny") for path in (first, moved)]
+    assert experts[0].model.config.dlmom_source == f"tiny.gguf ({os.path.getsize(first)} bytes)"
+    assert experts[0].model.config._name_or_path != experts[1].model.config._name_or_path  # two cache entries
+
+    def run(expert, out, **kw):
+        return evaluate("gsm8k", data, [expert], "single", out=out, max_new_tokens=2, config=CONFIG, **kw)
+
+    Calls(monkeypatch, answers=lambda method, prompt: "The answer is 5.")
+    run(experts[0], tmp_path / "out.jsonl")
+    calls = Calls(monkeypatch)
+    assert len(run(experts[1], tmp_path / "out.jsonl").records) == 2 and calls.calls == []
+
+    source = experts[0].model.config.dlmom_source
+    del experts[0].model.config.dlmom_source  # as an earlier dlmom loaded it
+    Calls(monkeypatch, answers=lambda method, prompt: "The answer is 5.")
+    run(experts[0], tmp_path / "legacy.jsonl")
+    experts[0].model.config.dlmom_source = source
+    calls = Calls(monkeypatch)
+    assert len(run(experts[0], tmp_path / "legacy.jsonl").records) == 2 and calls.calls == []
+    with pytest.raises(ValueError, match="made with other settings"):  # the earlier id held the path
+        run(experts[1], tmp_path / "legacy.jsonl")
+
+
 # The config fields in the records' settings hash when the dev-set records (bench/results/eval-records) were made.
 RECORDED_FIELDS = {
     "block_size", "chat", "consensus", "contrast", "controller", "do_sample", "elect", "entropy_threshold", "gate",

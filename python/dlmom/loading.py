@@ -220,6 +220,8 @@ def load_pretrained(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float
     except Exception as err:
         raise ValueError(f"{name}: no causal language model could be loaded from {what} "
                          f"({one_line(err)})") from err
+    if source.kind == "gguf":  # which file, wherever it lies (dlmom eval's records name their experts by it)
+        model.config.dlmom_source = f"{pathlib.Path(source.location).name} ({os.path.getsize(source.location)} bytes)"
     model.to(device).eval()
     return model, tokenizer
 

@@ -53,12 +53,12 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
         items = read_items(task, items)
     experts = as_experts(getattr(experts, "experts", experts))
     methods = parse_methods(methods, experts=len(experts))
-    settings = rec.settings_id({"task": task, "prompts": PROMPT_VERSION, "config": _answer_settings(config),
-                                "max_new_tokens": max_new_tokens, "seed": seed, "expert": expert,
-                                "limits": dataclasses.asdict(limits) if task == "humaneval" else None,
-                                "experts": [(e.name, e.system_prompt, _model_name(e)) for e in experts]})
+    settings, legacy = (rec.settings_id({
+        "task": task, "prompts": PROMPT_VERSION, "config": _answer_settings(config), "max_new_tokens": max_new_tokens,
+        "seed": seed, "expert": expert, "limits": dataclasses.asdict(limits) if task == "humaneval" else None,
+        "experts": [(e.name, e.system_prompt, _model_id(e, by_path)) for e in experts]}) for by_path in (False, True))
     out = os.fspath(out) if out is not None else None
-    done = rec.read(out, settings=settings, items={i.id: i.fingerprint() for i in items}) if out else {}
+    done = rec.read(out, settings=settings, also=legacy, items={i.id: i.fingerprint() for i in items}) if out else {}
     writer = rec.Writer(out)
     if retry_errors and any(r.get("error") is not None for r in done.values()):
         done = {k: r for k, r in done.items() if r.get("error") is None}
@@ -100,8 +100,14 @@ def _answer_settings(config: DLMoMConfig) -> dict:
 _USAGE = ("generated_tokens", "latent_steps", "merged_steps", "switches", "bus_bytes", "experts")
 
 
-def _model_name(expert) -> str:
-    return str(getattr(getattr(expert.model, "config", None), "_name_or_path", "") or type(expert.model).__name__)
+def _model_id(expert, by_path: bool = False) -> str:
+    """Which model an expert runs, for the records' settings: a GGUF file by its name and size
+    (``config.dlmom_source``, set by dlmom.loading), so that the same file elsewhere (another checkout, a
+    reinstalled package) continues a run; else the hub id or folder it came from. ``by_path``: the converted
+    GGUF's cache folder instead, which records written before dlmom_source existed hold."""
+    config = getattr(expert.model, "config", None)
+    source = None if by_path else getattr(config, "dlmom_source", None)
+    return str(source or getattr(config, "_name_or_path", "") or type(expert.model).__name__)
 
 
 class _Run:

@@ -22,10 +22,12 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read(path: str, *, settings: str | None, items: dict[str, str]) -> dict[tuple[str, str], dict]:
+def read(path: str, *, settings: str | None, items: dict[str, str], also: str | None = None
+         ) -> dict[tuple[str, str], dict]:
     """The records of ``path`` by (item, method), the last one winning; {} when there is no file.
     ``items``: id -> item_sha of this run's items (records of other ids are kept and ignored); ``settings``:
-    this run's settings_id (None: not checked). A last line cut short by an interruption is removed from
+    this run's settings_id (None: not checked); ``also``: another id accepted as the same settings (the
+    same run's id as an earlier dlmom computed it). A last line cut short by an interruption is removed from
     the file; any other bad line is a ValueError naming it."""
     if not os.path.exists(path):
         return {}
@@ -49,7 +51,7 @@ def read(path: str, *, settings: str | None, items: dict[str, str]) -> dict[tupl
         if not raw.strip():
             continue
         record = _record(path, number, raw)
-        if settings is not None and record["settings"] != settings:
+        if settings is not None and record["settings"] not in (settings, also):
             raise ValueError(f"{path}, line {number}: made with other settings (settings {record['settings']}, "
                              f"this run {settings}): use another --out, or the same task, experts, methods' "
                              f"settings, --max-new-tokens, --seed and sandbox limits")
