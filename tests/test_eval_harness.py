@@ -277,6 +277,7 @@ def test_cli_prints_the_table_and_continues(model_folder, gsm8k, tmp_path):
     done = dlmom_eval(*common, "--limit", "2")
     assert done.returncode == 0, done.stderr
     assert "dlmom vs single" in done.stdout and "McNemar" in done.stdout and "95% CI" in done.stdout
+    assert "4 records in" in done.stdout and "time outside generation" in done.stdout
     first = lines(out)
     assert len(first) == 4
     with open(out, "a") as f:
@@ -285,6 +286,9 @@ def test_cli_prints_the_table_and_continues(model_folder, gsm8k, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["methods"]["dlmom"]["items"] == 3 and lines(out)[:4] == first and len(lines(out)) == 6
+    done = dlmom_eval(*common, "--limit", "3")
+    assert done.returncode == 0 and "dlmom vs single" in done.stdout, done.stderr
+    assert "6 records in" in done.stdout and "nothing left to answer" in done.stdout and len(lines(out)) == 6
 
 
 def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):

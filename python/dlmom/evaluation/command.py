@@ -145,6 +145,9 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     _stdout(format_table(ev.summary))
     s = ev.summary
-    _stdout(f"\n{len(ev.records)} records in {args.out}; time outside generation {s['overhead_fraction']:.2%} "
-            f"of {s['run_s']:.1f} s (loading aside)")
+    if s["generation_s"] > 0:
+        _stdout(f"\n{len(ev.records)} records in {args.out}; time outside generation {s['overhead_fraction']:.2%} "
+                f"of {s['run_s']:.1f} s (loading aside)")
+    else:
+        _stdout(f"\n{len(ev.records)} records in {args.out}, all there before this run: nothing left to answer")
     return 0
