@@ -61,6 +61,17 @@ case "${1:-}" in
         --methods "$QWEN_MORE_METHODS" --batch-size 4 --max-new-tokens "$budget" --seed 0 \
         --out "$OUT/qwen-0.5b+1.5b-$name-test.jsonl" --quiet $PIN
     done ;;
+  qwen-budget)  # the dev word problems where the 1.5B alone or contrastive ran out of 256 tokens, again with 512
+    cut="$OUT/word_problems-cut.jsonl"
+    python3 - "$cut" "$OUT"/qwen-0.5b+1.5b-word_problems{,-more,-rest}.jsonl <<'PY'
+import json, sys
+cut = {r["item"] for f in sys.argv[2:] for r in map(json.loads, open(f)) if r["method"] in ("single:1",
+       "dlmom:explicit[consensus=contrastive]") and (r.get("usage") or {}).get("generated_tokens", 0) >= 256}
+rows = [json.loads(line) for line in open("data/dev/word_problems.jsonl")]
+open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows if r["split"] == "dev" and r["id"] in cut))
+PY
+    .venv/bin/dlmom eval --task gsm8k --data "$cut" --experts "$QWEN05" "$QWEN15" --methods "$QWEN_MORE_METHODS" \
+      --batch-size 4 --max-new-tokens 512 --seed 0 --out "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" --quiet $PIN ;;
   qwen-baselines)  # vote and text-mas on the first third (latent-mas needs roles of one model)
     qwen 0 "vote,text-mas" "" ;;
   qwen-answers)  # every dev short answer (96 new tokens are minutes less per item than 256)
@@ -68,8 +79,8 @@ case "${1:-}" in
       --methods "$QWEN_MORE_METHODS,single:0" --batch-size 4 --max-new-tokens 96 --seed 0 \
       --out "$OUT/qwen-0.5b+1.5b-answers.jsonl" --quiet $PIN ;;
   runs)
-    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-answers.jsonl "$OUT"/qwen-*-test.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
+    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-answers.jsonl "$OUT"/qwen-*-test.jsonl "$OUT"/qwen-*-512.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
       [ -s "$f" ] && echo "$(basename "$f" .jsonl)=$f"
     done; true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|runs" >&2; exit 2 ;;
 esac
