@@ -2,11 +2,11 @@
 method's accuracy with its Wilson 95% interval, cost per item, the traces' shares (latent steps, merged
 steps, expert agreement), and each dlmom variant paired against the strongest single expert of that run.
 
-    python bench/eval_findings.py NAME=RECORDS.jsonl[,MORE.jsonl ...] ... [--json bench/results/eval-cpu.json]
+    python bench/eval_findings.py NAME=RECORDS.jsonl[,MORE.jsonl ...][@BUDGET] ... [--json bench/results/eval-cpu.json]
 
 NAME labels a run (e.g. qwen-0.5b+1.5b/word_problems); RECORDS is the --out file of `dlmom eval`. Several
 files after one NAME pool their items (runs of one mixture on other items of one dev set), with the methods
-that every file has. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one
+that every file has. BUDGET: the run's --max-new-tokens, for the share of answers cut off by it. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one
 table per run.
 """
 from __future__ import annotations
@@ -75,8 +75,9 @@ def compute(record: dict) -> float:
                                                                      else e["decode_tokens"])) for e in experts)
 
 
-def summarise_run(records: list[dict]) -> dict:
-    """One run's table: items answered by every method only (so every row is on the same items)."""
+def summarise_run(records: list[dict], budget: int | None = None) -> dict:
+    """One run's table: items answered by every method only (so every row is on the same items). ``budget``:
+    the run's --max-new-tokens; an answer that generated that many tokens was cut off (``cut_share``)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     by = {m: {r["item"]: r for r in records if r["method"] == m} for m in methods}
     items = sorted(set.intersection(*(set(v) for v in by.values()))) if methods else []
@@ -86,6 +87,8 @@ def summarise_run(records: list[dict]) -> dict:
         rows = [by[m][i] for i in items]
         table[m].update(generated_mean=_mean(r.get("usage", {}).get("generated_tokens") for r in rows),
                         compute_mean=_mean(compute(r) for r in rows),
+                        cut_share=None if budget is None else sum(
+                            (r.get("usage") or {}).get("generated_tokens", 0) >= budget for r in rows) / len(rows),
                         **_trace_shares(rows))
     singles = [m for m in methods if m.split("[")[0].split(":")[0] == "single"]
     # The strongest single expert: most items right; on a tie the one listed first.
@@ -99,7 +102,8 @@ def summarise_run(records: list[dict]) -> dict:
         cost = table[m]["wall_s_mean"] / table[best]["wall_s_mean"] if table[best]["wall_s_mean"] else None
         work = table[m]["compute_mean"] / table[best]["compute_mean"] if table[best]["compute_mean"] else None
         pairs.append({**p.__dict__, "wall_ratio": cost, "compute_ratio": work})
-    return {"items": len(items), "methods": table, "strongest_single": best, "paired_vs_strongest": pairs}
+    return {"items": len(items), "budget": budget, "methods": table, "strongest_single": best,
+            "paired_vs_strongest": pairs}
 
 
 def _pct(x) -> str:
@@ -108,13 +112,14 @@ def _pct(x) -> str:
 
 def markdown(name: str, run: dict) -> str:
     lines = [f"#### {name} ({run['items']} items)", "",
-             "| method | right | accuracy [95% CI] | tokens/item | wall/item | latent | merged | all agree |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | right | accuracy [95% CI] | tokens/item | wall/item | cut at budget | latent | merged "
+             "| all agree |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, t in run["methods"].items():
         acc = f"{_pct(t['accuracy'])} [{_pct(t['ci_low'])}, {_pct(t['ci_high'])}]"
         lines.append(f"| `{m}` | {t['correct']}/{t['items']} | {acc} | {t['tokens_mean']:.0f} | "
-                     f"{t['wall_s_mean']:.1f} s | {_pct(t.get('latent_share'))} | {_pct(t.get('merged_share'))} | "
-                     f"{_pct(t.get('agree_share'))} |")
+                     f"{t['wall_s_mean']:.1f} s | {_pct(t.get('cut_share'))} | {_pct(t.get('latent_share'))} | "
+                     f"{_pct(t.get('merged_share'))} | {_pct(t.get('agree_share'))} |")
     if run["paired_vs_strongest"]:
         lines += ["", f"Paired against the strongest single expert, `{run['strongest_single']}`:", "",
                   "| method | wins | losses | ties | difference [95% CI] | McNemar p | wall ratio | token work ratio |",
@@ -147,16 +152,18 @@ def candidates(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="NAME=RECORDS", help="a run's label and its dlmom eval --out "
-                        "file, or several (comma-separated) whose items are pooled")
+                        "file, or several (comma-separated) whose items are pooled; @BUDGET: its --max-new-tokens")
     parser.add_argument("--json", metavar="FILE", help="write every run's summary here")
     args = parser.parse_args(argv)
     result = {}
     for spec in args.runs:
         name, eq, path = spec.partition("=")
-        if not eq or not name or not path:
-            parser.error(f"runs: expected NAME=RECORDS.jsonl, got {spec!r}")
+        path, at, budget = path.partition("@")
+        if not eq or not name or not path or (at and not budget.isdigit()):
+            parser.error(f"runs: expected NAME=RECORDS.jsonl[@BUDGET], got {spec!r}")
         try:
-            result[name] = summarise_run(pool([read_records(p) for p in path.split(",")]))
+            result[name] = summarise_run(pool([read_records(p) for p in path.split(",")]),
+                                         int(budget) if budget else None)
         except (OSError, json.JSONDecodeError) as err:
             parser.error(f"runs: {path}: {err}")
         print(markdown(name, result[name]), end="\n\n")

@@ -78,9 +78,16 @@ PY
     .venv/bin/dlmom eval --task jsonl --data data/dev/answers.jsonl --split dev --experts "$QWEN05" "$QWEN15" \
       --methods "$QWEN_MORE_METHODS,single:0" --batch-size 4 --max-new-tokens 96 --seed 0 \
       --out "$OUT/qwen-0.5b+1.5b-answers.jsonl" --quiet $PIN ;;
-  runs)
-    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*-answers.jsonl "$OUT"/qwen-*-test.jsonl "$OUT"/qwen-*-512.jsonl "$OUT"/qwen-*-{word_problems,functions}{,-more,-rest}.jsonl; do
-      [ -s "$f" ] && echo "$(basename "$f" .jsonl)=$f"
+  runs)  # NAME=RECORDS[,MORE][@BUDGET] for eval_findings.py, for every record file there is
+    budget() { case "$1" in *answers*) echo 96 ;; *-512) echo 512 ;; *) echo 256 ;; esac; }
+    for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*.jsonl; do
+      name=$(basename "$f" .jsonl)
+      case "$name" in *-more|*-rest) continue ;; esac  # in the pooled runs below
+      [ -s "$f" ] && echo "$name=$f@$(budget "$name")"
+    done
+    for set in word_problems functions; do  # every third of the dev items pooled: the methods all of them ran
+      files=$( (ls "$OUT"/qwen-0.5b+1.5b-$set{,-more,-rest}.jsonl 2>/dev/null || true) | paste -sd, -)
+      [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
     done; true ;;
   *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|runs" >&2; exit 2 ;;
 esac
