@@ -6,7 +6,8 @@ steps, expert agreement), and each dlmom variant paired against the strongest si
 
 NAME labels a run (e.g. qwen-0.5b+1.5b/word_problems); RECORDS is the --out file of `dlmom eval`. Several
 files after one NAME pool their items (runs of one mixture on other items of one dev set), with the methods
-that every file has. BUDGET: the run's --max-new-tokens, for the share of answers cut off by it. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one
+that every file has; a later file's record of an item and method replaces an earlier one (answers cut off by
+one budget, again with a larger one). BUDGET: the run's --max-new-tokens, for the share of answers cut off. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one
 table per run.
 """
 from __future__ import annotations
@@ -28,9 +29,11 @@ def read_records(path: str) -> list[dict]:
 
 
 def pool(files: list[list[dict]]) -> list[dict]:
-    """The records of several runs on other items, restricted to the methods every run has."""
+    """The records of several runs, restricted to the methods every run has. Runs on other items add them; a
+    later run's record of an item and method already there replaces it (the item again with a larger budget)."""
     common = set.intersection(*({r["method"] for r in records} for records in files))
-    return [r for records in files for r in records if r["method"] in common]
+    kept = {(r["item"], r["method"]): r for records in files for r in records if r["method"] in common}
+    return list(kept.values())
 
 
 def _mean(values) -> float | None:

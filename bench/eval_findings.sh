@@ -89,6 +89,10 @@ PY
     for set in word_problems functions; do  # every third of the dev items pooled: the methods all of them ran
       files=$( (ls "$OUT"/qwen-0.5b+1.5b-$set{,-more,-rest}.jsonl 2>/dev/null || true) | paste -sd, -)
       [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
-    done; true ;;
+    done
+    # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512)
+    [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ] && echo "qwen-0.5b+1.5b-word_problems-pooled-512=$(
+      ls "$OUT"/qwen-0.5b+1.5b-word_problems{,-more,-rest,-512}.jsonl | paste -sd, -)@512"
+    true ;;
   *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|runs" >&2; exit 2 ;;
 esac
