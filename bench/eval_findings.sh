@@ -91,8 +91,15 @@ PY
       [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
     done
     # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512)
-    [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ] && echo "qwen-0.5b+1.5b-word_problems-pooled-512=$(
-      ls "$OUT"/qwen-0.5b+1.5b-word_problems{,-more,-rest,-512}.jsonl | paste -sd, -)@512"
+    # (in this order: the 512-token records last, replacing those they redo)
+    if [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ]; then
+      files=""
+      for part in "" -more -rest -512; do
+        f="$OUT/qwen-0.5b+1.5b-word_problems$part.jsonl"
+        [ -s "$f" ] && files+="${files:+,}$f"
+      done
+      echo "qwen-0.5b+1.5b-word_problems-pooled-512=$files@512"
+    fi
     true ;;
   *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|runs" >&2; exit 2 ;;
 esac
