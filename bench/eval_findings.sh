@@ -55,7 +55,8 @@ case "${1:-}" in
     qwen 1 "$QWEN_MORE_METHODS" "-more" ;;
   qwen-rest)  # the last third
     qwen 2 "$QWEN_MORE_METHODS" "-rest" ;;
-  qwen-test)  # the held-out split, once, for the default chosen on the dev items: the 1.5B alone and contrastive
+  qwen-test)  # the held-out split, for the final report only: the 1.5B alone and the default (not listed by `runs`:
+    # nothing is chosen by it)
     for set in word_problems:gsm8k:256 answers:jsonl:96 functions:humaneval:256; do
       IFS=: read -r name task budget <<< "$set"
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split test --experts "$QWEN05" "$QWEN15" \
@@ -83,7 +84,7 @@ PY
     budget() { case "$1" in *answers*) echo 96 ;; *-512) echo 512 ;; *) echo 256 ;; esac; }
     for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*.jsonl; do
       name=$(basename "$f" .jsonl)
-      case "$name" in *-more|*-rest) continue ;; esac  # in the pooled runs below
+      case "$name" in *-more|*-rest) continue ;; *-test) continue ;; esac  # pooled below; held out
       [ -s "$f" ] && echo "$name=$f@$(budget "$name")"
     done
     for set in word_problems functions; do  # every third of the dev items pooled: the methods all of them ran
