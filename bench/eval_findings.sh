@@ -74,6 +74,15 @@ open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows if r["sp
 PY
     .venv/bin/dlmom eval --task gsm8k --data "$cut" --experts "$QWEN05" "$QWEN15" --methods "$QWEN_MORE_METHODS" \
       --batch-size 4 --max-new-tokens 512 --seed 0 --out "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" --quiet $PIN ;;
+  qwen-next)  # contrastive's next variants, every dev item: it flipped tokens both experts ranked first (functions
+    # dev/25 and dev/6: max for abs, zip for enumerate). A tighter plausible set, a smaller contrast (O'Brien and
+    # Lewis's beta 0.5 is contrast 1/3 here), and the gate that keeps the 1.5B alone where it is sure.
+    NEXT="dlmom:explicit[consensus=contrastive,plausibility=0.3],dlmom:explicit[consensus=contrastive,contrast=0.33]"
+    NEXT+=",dlmom:explicit[consensus=contrastive,gate=0.1]"
+    for third in 0 1 2; do qwen "$third" "single:1,$NEXT" "$(echo " -more -rest" | cut -d' ' -f$((third + 1)))"; done
+    .venv/bin/dlmom eval --task jsonl --data data/dev/answers.jsonl --split dev --experts "$QWEN05" "$QWEN15" \
+      --methods "single:1,$NEXT" --batch-size 4 --max-new-tokens 96 --seed 0 \
+      --out "$OUT/qwen-0.5b+1.5b-answers.jsonl" --quiet $PIN ;;
   qwen-baselines)  # vote and text-mas on the first third (latent-mas needs roles of one model)
     qwen 0 "vote,text-mas" "" ;;
   qwen-answers)  # every dev short answer (96 new tokens are minutes less per item than 256)
@@ -102,5 +111,5 @@ PY
       echo "qwen-0.5b+1.5b-word_problems-pooled-512=$files@512"
     fi
     true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|qwen-next|runs" >&2; exit 2 ;;
 esac
