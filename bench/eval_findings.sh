@@ -100,9 +100,14 @@ PY
       files=$( (ls "$OUT"/qwen-0.5b+1.5b-$set{,-more,-rest}.jsonl 2>/dev/null || true) | paste -sd, -)
       [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
     done
-    # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512)
-    # (in this order: the 512-token records last, replacing those they redo)
-    if [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ]; then
+    # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512), once
+    # every cut item has been redone by both methods; the 512-token records last, replacing those they redo
+    if [ -s "$OUT/word_problems-cut.jsonl" ] && [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ] && python3 -c "
+import json, sys
+cut = {json.loads(line)['id'] for line in open(sys.argv[1])}
+done = {(r['item'], r['method']) for r in map(json.loads, open(sys.argv[2]))}
+sys.exit(any((i, m) not in done for i in cut for m in sys.argv[3].split(';')))" "$OUT/word_problems-cut.jsonl" \
+      "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" "single:1;dlmom:explicit[consensus=contrastive]"; then
       files=""
       for part in "" -more -rest -512; do
         f="$OUT/qwen-0.5b+1.5b-word_problems$part.jsonl"
