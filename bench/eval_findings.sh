@@ -100,6 +100,9 @@ PY
       files=$( (ls "$OUT"/qwen-0.5b+1.5b-$set{,-more,-rest}.jsonl 2>/dev/null || true) | paste -sd, -)
       [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
     done
+    # the gate ran on the first two thirds of the word problems
+    [ -s "$OUT/qwen-0.5b+1.5b-word_problems-more.jsonl" ] && echo "qwen-0.5b+1.5b-word_problems-two-thirds=$(
+      echo "$OUT"/qwen-0.5b+1.5b-word_problems{,-more}.jsonl | tr ' ' ,)@256"
     # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512), once
     # every cut item has been redone by both methods; the 512-token records last, replacing those they redo
     if [ -s "$OUT/word_problems-cut.jsonl" ] && [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ] && python3 -c "
