@@ -93,16 +93,21 @@ PY
     budget() { case "$1" in *answers*) echo 96 ;; *-512) echo 512 ;; *) echo 256 ;; esac; }
     for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*.jsonl; do
       name=$(basename "$f" .jsonl)
-      case "$name" in *-more|*-rest) continue ;; *-test) continue ;; esac  # pooled below; held out
+      case "$name" in *-more|*-rest|*-test) continue ;; esac  # pooled below; held out
       [ -s "$f" ] && echo "$name=$f@$(budget "$name")"
     done
+    parts() {  # $1: a run's name; the rest: suffixes. The record files there are, in that order, comma-joined
+      local name=$1 part files=""; shift
+      for part in "$@"; do [ -s "$OUT/$name$part.jsonl" ] && files+="${files:+,}$OUT/$name$part.jsonl"; done
+      echo "$files"
+    }
     for set in word_problems functions; do  # every third of the dev items pooled: the methods all of them ran
-      files=$( (ls "$OUT"/qwen-0.5b+1.5b-$set{,-more,-rest}.jsonl 2>/dev/null || true) | paste -sd, -)
+      files=$(parts "qwen-0.5b+1.5b-$set" "" -more -rest)
       [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
     done
     # the gate ran on the first two thirds of the word problems
-    [ -s "$OUT/qwen-0.5b+1.5b-word_problems-more.jsonl" ] && echo "qwen-0.5b+1.5b-word_problems-two-thirds=$(
-      echo "$OUT"/qwen-0.5b+1.5b-word_problems{,-more}.jsonl | tr ' ' ,)@256"
+    files=$(parts qwen-0.5b+1.5b-word_problems "" -more)
+    [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-word_problems-two-thirds=$files@256"
     # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512), once
     # every cut item has been redone by both methods; the 512-token records last, replacing those they redo
     if [ -s "$OUT/word_problems-cut.jsonl" ] && [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ] && python3 -c "
@@ -111,12 +116,7 @@ cut = {json.loads(line)['id'] for line in open(sys.argv[1])}
 done = {(r['item'], r['method']) for r in map(json.loads, open(sys.argv[2]))}
 sys.exit(any((i, m) not in done for i in cut for m in sys.argv[3].split(';')))" "$OUT/word_problems-cut.jsonl" \
       "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" "single:1;dlmom:explicit[consensus=contrastive]"; then
-      files=""
-      for part in "" -more -rest -512; do
-        f="$OUT/qwen-0.5b+1.5b-word_problems$part.jsonl"
-        [ -s "$f" ] && files+="${files:+,}$f"
-      done
-      echo "qwen-0.5b+1.5b-word_problems-pooled-512=$files@512"
+      echo "qwen-0.5b+1.5b-word_problems-pooled-512=$(parts qwen-0.5b+1.5b-word_problems "" -more -rest -512)@512"
     fi
     true ;;
   *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|qwen-next|runs" >&2; exit 2 ;;
