@@ -7,8 +7,10 @@ steps, expert agreement), and each dlmom variant paired against the strongest si
 NAME labels a run (e.g. qwen-0.5b+1.5b/word_problems); RECORDS is the --out file of `dlmom eval`. Several
 files after one NAME pool their items (runs of one mixture on other items of one dev set), with the methods
 that every file has; a later file's record of an item and method replaces an earlier one (answers cut off by
-one budget, again with a larger one). BUDGET: the run's --max-new-tokens, for the share of answers cut off. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one
-table per run.
+one budget, again with a larger one). A NAME given again adds that run's methods (a variant run later on the
+same items: NAME=A,B,C NAME=D pools A, B and C, then adds D's methods). BUDGET: the run's --max-new-tokens, for the share
+of answers cut off. The grid that made bench/results/eval-cpu.json is bench/eval_findings.sh. Prints one table
+per run.
 """
 from __future__ import annotations
 
@@ -32,8 +34,13 @@ def pool(files: list[list[dict]]) -> list[dict]:
     """The records of several runs, restricted to the methods every run has. Runs on other items add them; a
     later run's record of an item and method already there replaces it (the item again with a larger budget)."""
     common = set.intersection(*({r["method"] for r in records} for records in files))
-    kept = {(r["item"], r["method"]): r for records in files for r in records if r["method"] in common}
-    return list(kept.values())
+    return join([r for r in records if r["method"] in common] for records in files)
+
+
+def join(runs) -> list[dict]:
+    """The records of runs of other methods on the same items, in one list (a later run's record of an item and
+    method already there replaces it). summarise_run keeps the items every method answered."""
+    return list({(r["item"], r["method"]): r for records in runs for r in records}.values())
 
 
 def _mean(values) -> float | None:
@@ -155,20 +162,27 @@ def candidates(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="NAME=RECORDS", help="a run's label and its dlmom eval --out "
-                        "file, or several (comma-separated) whose items are pooled; @BUDGET: its --max-new-tokens")
+                        "file, or several (comma-separated) whose items are pooled; a NAME given again adds that "
+                        "run's methods (other methods on the same items); @BUDGET: its --max-new-tokens")
     parser.add_argument("--json", metavar="FILE", help="write every run's summary here")
     args = parser.parse_args(argv)
     result = {}
+    runs: dict[str, tuple[list[list[dict]], int | None]] = {}  # name -> (each spec's pooled records, budget)
     for spec in args.runs:
         name, eq, path = spec.partition("=")
         path, at, budget = path.partition("@")
         if not eq or not name or not path or (at and not budget.isdigit()):
             parser.error(f"runs: expected NAME=RECORDS.jsonl[@BUDGET], got {spec!r}")
         try:
-            result[name] = summarise_run(pool([read_records(p) for p in path.split(",")]),
-                                         int(budget) if budget else None)
+            records = pool([read_records(p) for p in path.split(",")])
         except (OSError, json.JSONDecodeError) as err:
             parser.error(f"runs: {path}: {err}")
+        parts, first_budget = runs.setdefault(name, ([], int(budget) if budget else None))
+        if budget and int(budget) != first_budget:
+            parser.error(f"runs: {name} was given with @{first_budget} before, and @{budget} in {spec!r}")
+        parts.append(records)
+    for name, (parts, budget) in runs.items():
+        result[name] = summarise_run(join(parts), budget)
         print(markdown(name, result[name]), end="\n\n")
     print("#### Every variant against each run's strongest single expert", "", candidates(result), sep="\n", end="\n\n")
     if args.json:

