@@ -146,6 +146,9 @@ def test_hub_id_from_the_hub_cache_loads_while_the_hub_is_unreachable(model_fold
     (["--expert", "1", "--method", "single"], "argument --expert: an index in [0, 0] (1 expert), got 1"),
     (["--expert", "-1", "--method", "single"], "argument --expert: an index in [0, 0] (1 expert), got -1"),
     (["--expert", "0"], "argument --expert: only --method single runs one expert, got --method dlmom"),
+    (["--roles", "--expert", "3", "--method", "single"], "argument --expert: an index in [0, 2] (3 experts), got 3"),
+    (["--experts", "MODEL", "MODEL", "--roles", "--method", "latent-mas"],
+     "argument --experts: --method latent-mas runs the roles of one model on one KV cache: give one MODEL with --roles"),
     (["--top-k", "0"], "argument --top-k: top_k must be an integer >= 1, got 0"),
     (["--temperature", "nan"], "argument --temperature: temperature must be a number in [0, inf], got nan"),
     (["--top-m", "0"], "argument --top-m: top_m must be an integer >= 1, got 0"),
@@ -162,6 +165,22 @@ def test_bad_arguments_are_named_before_any_model_loads(args, message, model_fol
                                                                  ["--experts", model_folder]))
     assert message in error_line(done)
     assert "loading" not in done.stderr  # refused before the experts' progress bar started
+
+
+def test_roles_put_one_model_in_three_roles(model_folder):
+    done = dlmom("run", "What is 12 * 7?", "--experts", model_folder, "--roles", "--max-new-tokens", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    names = [e["expert"] for e in json.loads(done.stdout)["usage"]["experts"]]
+    assert names == [f"{model_folder}/{role}" for role in ("planner", "solver", "checker")]
+    done = dlmom("run", "What is 12 * 7?", "--experts", model_folder, "--roles", "--method", "latent-mas",
+                 "--latent-mas-steps", "2", "--max-new-tokens", "3")
+    assert done.returncode == 0, done.stderr
+
+
+def test_roles_without_experts_is_refused_before_any_model_loads():
+    done = dlmom("run", "hi", "--roles")
+    assert "argument --roles: puts each --experts model in three roles" in error_line(done)
+    assert "loading" not in done.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -326,6 +326,8 @@ def test_cli_ctrl_c_then_the_same_command_finishes(model_folder, tmp_path):
     ([GSM8K[0]], ["--top-k", "0"], r"argument --top-k"),
     ([GSM8K[0]], ["--timeout", "nan"], r"argument --timeout"),
     ([GSM8K[0]], ["--experts", "/no/such/model"], r"/no/such/model"),
+    ([GSM8K[0]], ["--roles", "--methods", "single:3"], r"argument --methods: .*single:3"),
+    ([GSM8K[0]], ["--roles", "--expert", "3"], r"argument --expert: an index in \[0, 2\], got 3"),
 ])
 def test_cli_bad_input_is_one_line_before_loading(model_folder, tmp_path, rows, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", rows)

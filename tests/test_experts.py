@@ -42,3 +42,16 @@ def test_control_strings_stay_text_with_the_real_smollm2_tokenizer(model):
 
     path = default_gguf_path()
     check_tokenizer(model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+
+
+def test_in_roles_gives_each_expert_the_three_roles_on_its_own_weights(model, tok):
+    from dlmom.experts import DEFAULT_ROLES, in_roles
+
+    a, b = Expert(model, tok, name="a", num_cpus=2), Expert(model, tok, name="b")
+    roles = in_roles([a, b])
+    assert [e.name for e in roles] == [f"{x}/{r}" for x in "ab" for r in ("planner", "solver", "checker")]
+    assert [e.system_prompt for e in roles] == list(DEFAULT_ROLES.values()) * 2
+    assert all(e.model is model and e.tokenizer is tok for e in roles)
+    assert [e.num_cpus for e in roles] == [2] * 3 + [None] * 3  # what the expert asked of Ray stays with its roles
+    with pytest.raises(ValueError, match=r"experts\[1\] \('c'\) has a system prompt already"):
+        in_roles([a, Expert(model, tok, name="c", system_prompt="Be brief.")])

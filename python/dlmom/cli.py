@@ -60,7 +60,6 @@ def _check_before_loading(args: argparse.Namespace):
     to minutes). Returns (config, torch dtype, device)."""
     from .engine import DLMoMConfig, check_generate_args
     from .settings import field_names
-    from .experts import DEFAULT_ROLES
     from .loading import check_device
 
     _check_texts("PROMPT", "prompt", args.prompts)
@@ -88,8 +87,8 @@ def _check_before_loading(args: argparse.Namespace):
             raise ValueError(f"argument {option}: an integer >= {lo}, got {value}")
     if args.method == "latent-mas" and args.experts and len(args.experts) > 1:
         raise ValueError("argument --experts: --method latent-mas runs the roles of one model on one KV cache: give "
-                         f"one MODEL (or none, for the default's three roles), got {len(args.experts)}")
-    n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
+                         f"one MODEL with --roles (or none, for the default's three roles), got {len(args.experts)}")
+    n = expert_count(args)
     if args.expert is not None:
         if args.method != "single":
             raise ValueError(f"argument --expert: only --method single runs one expert, got --method {args.method}")
@@ -105,6 +104,26 @@ def _check_before_loading(args: argparse.Namespace):
 
     check_outputs(args.trace_html, args.trace_png, html_option="--trace-html", png_option="--trace-png")
     return config, dtype_of(args.dtype), device
+
+
+def add_experts_flags(parser: argparse.ArgumentParser) -> None:
+    """``--experts`` and ``--roles``, for dlmom run and dlmom eval."""
+    parser.add_argument("--experts", nargs="+", metavar="MODEL",
+                        help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary "
+                             "(default: SmolLM2-135M-Instruct in three roles)")
+    parser.add_argument("--roles", action="store_true",
+                        help="each --experts model in the default's three roles (planner, solver, checker: three "
+                             "experts sharing its weights, one forward a step), e.g. for --method latent-mas")
+
+
+def expert_count(args: argparse.Namespace) -> int:
+    """How many experts --experts and --roles make (the default: its three roles); ValueError for --roles alone."""
+    from .experts import DEFAULT_ROLES
+
+    if args.roles and not args.experts:
+        raise ValueError("argument --roles: puts each --experts model in three roles; the default has them already, "
+                         "give --experts MODEL with it")
+    return len(args.experts) * (len(DEFAULT_ROLES) if args.roles else 1) if args.experts else len(DEFAULT_ROLES)
 
 
 def dtype_of(name: str):
@@ -257,7 +276,8 @@ def _generate(args: argparse.Namespace, config, dtype, device, *, progress: bool
     from . import baselines
     from .engine import DLMoM
 
-    moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=device, progress=progress)
+    moe = DLMoM.from_pretrained(args.experts or None, roles=args.roles, config=config, dtype=dtype, device=device,
+                                progress=progress)
     if args.method == "dlmom":
         return moe.generate(args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
                             progress=progress)
@@ -292,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                "safetensors under $DLMOM_CACHE (default ~/.cache/dlmom), checked on every load and rebuilt when "
                "damaged.")
     run.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (answered as one batch)")
-    run.add_argument("--experts", nargs="+", metavar="MODEL",
-                     help="hub ids, local model folders or .gguf files; the first sets the shared vocabulary")
+    add_experts_flags(run)
     run.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="steps to generate (default 256)")
     run.add_argument("--method", choices=["dlmom", "single", "text-mas", "vote", "latent-mas"], default="dlmom",
                      help="dlmom: the experts reason together in latent space (default); single: one expert "

@@ -11,7 +11,7 @@ import torch
 
 from .consensus import ConsensusSettings, resolve as resolve_consensus
 from .controller import ControllerSettings
-from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts
+from .experts import SINGLE_EXPERT, Expert, as_expert, as_experts, default_experts, in_roles
 from .generation import Generation, GenerationInterrupted
 from .kv import KVSettings, check_kv_residual
 from .packets import PacketSettings
@@ -128,10 +128,12 @@ class DLMoM:
         self.placement.close()
 
     @classmethod
-    def from_pretrained(cls, experts=None, *, config: DLMoMConfig | None = None, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", progress: bool = False, **config_kwargs) -> "DLMoM":
-        """Load experts (default: SmolLM2-135M-Instruct in three roles) and build the mixture.
-        Keyword arguments beyond these are DLMoMConfig fields."""
+    def from_pretrained(cls, experts=None, *, roles: bool = False, config: DLMoMConfig | None = None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = False,
+                        **config_kwargs) -> "DLMoM":
+        """Load experts (default: SmolLM2-135M-Instruct in three roles) and build the mixture. ``roles``: each
+        expert in the default's three roles (planner, solver, checker; dlmom.experts.in_roles), sharing its
+        weights; the default has them already. Keyword arguments beyond these are DLMoMConfig fields."""
         if config is None:
             config = DLMoMConfig(**config_kwargs)
         elif config_kwargs:
@@ -145,7 +147,7 @@ class DLMoM:
             return cls(loaded, config)
         if isinstance(experts, SINGLE_EXPERT):
             experts = [experts]
-        if config.placement == "ray":  # paths load inside the actors
+        if config.placement == "ray" and not roles:  # paths load inside the actors (roles of a model share one)
             if dtype != torch.float32 or torch.device(device).type != "cpu":
                 raise ValueError(f"placement='ray' loads each model inside its actor, at float32 on the actor's device "
                                  f"(its GPU with Expert(num_gpus=...)); dtype and device are for placement='local', "
@@ -158,7 +160,7 @@ class DLMoM:
             if isinstance(spec, (str, os.PathLike)):
                 expert.model.to(device=device, dtype=dtype)
             loaded.append(expert)
-        return cls(loaded, config)
+        return cls(in_roles(loaded) if roles else loaded, config)
 
     def start(self, prompts, *, max_new_tokens: int = 256, seed: int | None = None, stop=None) -> Generation:
         """A generation of ``prompts``, ready to ``run()``; after the run its runners (the experts' caches), bus,

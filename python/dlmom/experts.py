@@ -205,8 +205,19 @@ def default_experts(*, dtype: torch.dtype = torch.float32, device: str | torch.d
     gguf = loading.default_gguf_path()
     model, tokenizer = loading.load_pretrained(gguf if gguf is not None else loading.DEFAULT_MODEL_HUB_ID, dtype=dtype,
                                                device=device)
-    return [Expert(model, tokenizer, name=f"SmolLM2-135M-Instruct/{role}", system_prompt=prompt)
-            for role, prompt in DEFAULT_ROLES.items()]
+    return in_roles([Expert(model, tokenizer, name="SmolLM2-135M-Instruct")])
+
+
+def in_roles(experts: list[Expert]) -> list[Expert]:
+    """Each expert in each of DEFAULT_ROLES (planner, solver, checker), in that order: one Expert per role, its
+    system prompt the role's, sharing the expert's model and tokenizer (one set of weights, one forward a step
+    for all its roles), named ``<expert's name>/<role>``."""
+    for i, expert in enumerate(experts):
+        if expert.system_prompt is not None:
+            raise ValueError(f"experts[{i}] ({expert.name!r}) has a system prompt already: roles give each expert "
+                             f"theirs, so pass experts without one")
+    return [dataclasses.replace(expert, name=f"{expert.name}/{role}", system_prompt=prompt)
+            for expert in experts for role, prompt in DEFAULT_ROLES.items()]
 
 
 def as_expert(item, index: int) -> Expert:

@@ -40,6 +40,7 @@ tokens processed), may change answers slightly (padding), and an error fails the
 
 def add_eval_parser(sub) -> None:
     """The ``eval`` subcommand on ``sub`` (build_parser's subparsers)."""
+    from ..cli import add_experts_flags
     from ..engine import DLMoMConfig
     from ..settings import add_flags
     from .formats import TASKS
@@ -50,8 +51,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="a JSONL file of items (see below)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="JSONL records, one per item and method, appended as they are made (resumed from)")
-    p.add_argument("--experts", nargs="+", metavar="MODEL",
-                   help="hub ids, local model folders or .gguf files (default: SmolLM2-135M-Instruct in three roles)")
+    add_experts_flags(p)
     p.add_argument("--methods", default="single,text-mas,dlmom", metavar="LIST",
                    help="comma-separated methods (default single,text-mas,dlmom; see below)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N items")
@@ -78,9 +78,8 @@ def add_eval_parser(sub) -> None:
 def _checked(args: argparse.Namespace):
     """Everything that can be checked without a model, before one loads: (config, dtype, device, methods,
     items, limits)."""
-    from ..cli import _blame, check_experts, dtype_of
+    from ..cli import _blame, check_experts, dtype_of, expert_count
     from ..engine import DLMoMConfig, check_generate_args
-    from ..experts import DEFAULT_ROLES
     from ..loading import check_device
     from ..settings import field_names
     from . import records
@@ -96,7 +95,7 @@ def _checked(args: argparse.Namespace):
         config = DLMoMConfig(**{name: getattr(args, name) for name in field_names(DLMoMConfig)})
     except ValueError as err:
         raise ValueError(_blame(err)) from None
-    n = len(args.experts) if args.experts else len(DEFAULT_ROLES)
+    n = expert_count(args)
     if args.expert is not None and not 0 <= args.expert < n:
         raise ValueError(f"argument --expert: an index in [0, {n - 1}], got {args.expert}")
     try:
@@ -129,7 +128,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     config, dtype, device, methods, items, limits = _checked(args)
     with _library_output(args.quiet):
-        moe = DLMoM.from_pretrained(args.experts or None, config=config, dtype=dtype, device=device,
+        moe = DLMoM.from_pretrained(args.experts or None, roles=args.roles, config=config, dtype=dtype, device=device,
                                     progress=not args.quiet)
         try:
             ev = evaluate(args.task, items, moe.experts, [m.name for m in methods], out=args.out,
