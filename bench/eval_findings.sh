@@ -3,7 +3,8 @@
 # continue; records go to bench/results/eval-records/). One thread per run, so two runs share 2 cores
 # without slowing each other down:
 #   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait
-#   (then qwen-more, qwen-rest, qwen-answers, qwen-budget, qwen-baselines, qwen-next SETTINGS and qwen-test, two at
+#   (then qwen-more, qwen-rest, qwen-answers, qwen-budget, qwen-baselines, qwen-next SETTINGS, qwen-budget SETTINGS
+#   and qwen-test, two at
 #   a time)
 #   python bench/eval_findings.py $(bash bench/eval_findings.sh runs) --json bench/results/eval-cpu.json
 # qwen needs the two Qwen2.5-Coder GGUF files: QWEN05=... QWEN15=... (paths). Without a model hub they come from the
@@ -64,17 +65,20 @@ case "${1:-}" in
         --methods "$QWEN_MORE_METHODS" --batch-size 4 --max-new-tokens "$budget" --seed 0 \
         --out "$OUT/qwen-0.5b+1.5b-$name-test.jsonl" --quiet $PIN
     done ;;
-  qwen-budget)  # the dev word problems where the 1.5B alone or contrastive ran out of 256 tokens, again with 512
-    cut="$OUT/word_problems-cut.jsonl"
-    python3 - "$cut" "$OUT"/qwen-0.5b+1.5b-word_problems{,-more,-rest}.jsonl <<'PY'
+  qwen-budget)  # the dev word problems where the 1.5B alone or contrastive ran out of 256 tokens, again with 512; with
+    # $2, a qwen-next variant's settings: where the 1.5B or that variant did, the variant again (the 1.5B's are done)
+    base="$OUT/qwen-0.5b+1.5b-word_problems" mix="dlmom:explicit[consensus=contrastive${2:+,$2}]"
+    tag=${2:+-next-${2//[=,]/}} methods=${2:+$mix}
+    cut="$OUT/word_problems-cut$tag.jsonl"
+    python3 - "$cut" "$mix" "$base"{,-more,-rest}.jsonl ${2:+"$base$tag.jsonl"} <<'PY'
 import json, sys
-cut = {r["item"] for f in sys.argv[2:] for r in map(json.loads, open(f)) if r["method"] in ("single:1",
-       "dlmom:explicit[consensus=contrastive]") and (r.get("usage") or {}).get("generated_tokens", 0) >= 256}
+cut = {r["item"] for f in sys.argv[3:] for r in map(json.loads, open(f)) if r["method"] in ("single:1", sys.argv[2])
+       and (r.get("usage") or {}).get("generated_tokens", 0) >= 256}
 rows = [json.loads(line) for line in open("data/dev/word_problems.jsonl")]
 open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows if r["split"] == "dev" and r["id"] in cut))
 PY
-    .venv/bin/dlmom eval --task gsm8k --data "$cut" --experts "$QWEN05" "$QWEN15" --methods "$QWEN_MORE_METHODS" \
-      --batch-size 4 --max-new-tokens 512 --seed 0 --out "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" --quiet $PIN ;;
+    .venv/bin/dlmom eval --task gsm8k --data "$cut" --experts "$QWEN05" "$QWEN15" --methods "${methods:-single:1,$mix}" \
+      --batch-size 4 --max-new-tokens 512 --seed 0 --out "$base-512$tag.jsonl" --quiet $PIN ;;
   qwen-next)  # $2: one variant of contrastive (its settings, like plausibility=0.3) on every dev item, functions first
     # (the set it lost on). Contrastive flipped tokens both experts ranked first (functions dev/25 and dev/6: max for
     # abs, zip for enumerate); the variants: a tighter plausible set (plausibility=0.3), a smaller contrast
@@ -119,15 +123,27 @@ PY
     files=$(parts qwen-0.5b+1.5b-word_problems "" -more)
     [[ "$files" == *,* ]] && echo "qwen-0.5b+1.5b-word_problems-two-thirds=$files@256"
     # the answers cut at 256 tokens again with 512 (greedy: an answer that ended sooner is the same at 512), once
-    # every cut item has been redone by both methods; the 512-token records last, replacing those they redo
-    if [ -s "$OUT/word_problems-cut.jsonl" ] && [ -s "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" ] && python3 -c "
+    # every cut item has been redone; the 512-token records last, replacing those they redo
+    done512() {  # $1: the cut items' file, $2: the 512-token records, $3: the methods (;-separated; default: the file's)
+      [ -s "$1" ] && [ -s "$2" ] && python3 -c "
 import json, sys
 cut = {json.loads(line)['id'] for line in open(sys.argv[1])}
 done = {(r['item'], r['method']) for r in map(json.loads, open(sys.argv[2]))}
-sys.exit(any((i, m) not in done for i in cut for m in sys.argv[3].split(';')))" "$OUT/word_problems-cut.jsonl" \
-      "$OUT/qwen-0.5b+1.5b-word_problems-512.jsonl" "single:1;dlmom:explicit[consensus=contrastive]"; then
-      echo "qwen-0.5b+1.5b-word_problems-pooled-512=$(parts qwen-0.5b+1.5b-word_problems "" -more -rest -512)@512"
+methods = sys.argv[3].split(';') if len(sys.argv) > 3 else {m for _, m in done}
+sys.exit(any((i, m) not in done for i in cut for m in methods))" "$@"
+    }
+    base=qwen-0.5b+1.5b-word_problems
+    if done512 "$OUT/word_problems-cut.jsonl" "$OUT/$base-512.jsonl" "single:1;dlmom:explicit[consensus=contrastive]"
+    then
+      echo "$base-pooled-512=$(parts $base "" -more -rest -512)@512"
+      next=()  # the qwen-next variants whose cut answers are all redone too
+      for f in "$OUT/$base"-512-next-*.jsonl; do
+        variant=${f#"$OUT/$base-512-next-"} variant=${variant%.jsonl}
+        done512 "$OUT/word_problems-cut-next-$variant.jsonl" "$f" && next+=("$variant")
+      done
+      [ ${#next[@]} = 0 ] || echo "$base-pooled-512-next=$(parts $base "" -more -rest -512)@512"
+      for variant in "${next[@]}"; do echo "$base-pooled-512-next=$(parts $base -next-"$variant" -512-next-"$variant")"; done
     fi
     true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget|qwen-next SETTINGS|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget [SETTINGS]|qwen-next SETTINGS|runs" >&2; exit 2 ;;
 esac
