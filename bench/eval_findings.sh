@@ -13,9 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=bench/results/eval-records
-# The settings the records were made with: `dlmom` in them is the engine's defaults before issue 14 (SwiReasoning
-# and TIES); the defaults since are dlmom:explicit[consensus=auto] (TIES for SmolLM2's roles, contrastive for Qwen).
-PIN="--controller swir --consensus ties"
+# The settings the records were made with: `dlmom` in them is the engine's defaults before issue 14 (SwiReasoning,
+# TIES, no gate); the defaults since are dlmom:explicit[consensus=auto,gate=0.1] (TIES for SmolLM2's roles,
+# contrastive for Qwen; the gate keeps the lead alone where it is sure).
+PIN="--controller swir --consensus ties --gate 0"
 mkdir -p "$OUT"
 SMOL_METHODS="single:0,single:1,single:2,vote,text-mas,latent-mas,dlmom,dlmom:explicit,dlmom:explicit[gate=0.1]"
 SMOL_METHODS+=",dlmom:explicit[gate=0.3],dlmom:explicit[consensus=contrastive],dlmom[noise=gumbel]"
