@@ -18,6 +18,7 @@ OUT=bench/results/eval-records
 # contrastive for Qwen; the gate keeps the lead alone where it is sure).
 PIN="--controller swir --consensus ties --gate 0"
 mkdir -p "$OUT"
+next_tag() { echo "-next-${1//[=,]/}"; }  # a qwen-next variant's record-file suffix, from its settings
 SMOL_METHODS="single:0,single:1,single:2,vote,text-mas,latent-mas,dlmom,dlmom:explicit,dlmom:explicit[gate=0.1]"
 SMOL_METHODS+=",dlmom:explicit[gate=0.3],dlmom:explicit[consensus=contrastive],dlmom[noise=gumbel]"
 SMOL_METHODS+=",dlmom:explicit[route_by=prompt,router_temperature=0.1]"
@@ -68,7 +69,7 @@ case "${1:-}" in
   qwen-budget)  # the dev word problems where the 1.5B alone or contrastive ran out of 256 tokens, again with 512; with
     # $2, a qwen-next variant's settings: where the 1.5B or that variant did, the variant again (the 1.5B's are done)
     base="$OUT/qwen-0.5b+1.5b-word_problems" mix="dlmom:explicit[consensus=contrastive${2:+,$2}]"
-    tag=${2:+-next-${2//[=,]/}} methods=${2:+$mix}
+    tag=${2:+$(next_tag "$2")} methods=${2:+$mix}
     cut="$OUT/word_problems-cut$tag.jsonl"
     python3 - "$cut" "$mix" "$base"{,-more,-rest}.jsonl ${2:+"$base$tag.jsonl"} <<'PY'
 import json, sys
@@ -89,7 +90,7 @@ PY
       IFS=: read -r name task budget <<< "$set"
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split dev --experts "$QWEN05" "$QWEN15" \
         --methods "dlmom:explicit[consensus=contrastive,$variant]" --batch-size 4 --max-new-tokens "$budget" \
-        --seed 0 --out "$OUT/qwen-0.5b+1.5b-$name-next-${variant//[=,]/}.jsonl" --quiet $PIN
+        --seed 0 --out "$OUT/qwen-0.5b+1.5b-$name$(next_tag "$variant").jsonl" --quiet $PIN
     done ;;
   qwen-baselines)  # vote and text-mas on the first third (latent-mas needs roles of one model)
     qwen 0 "vote,text-mas" "" ;;
@@ -135,13 +136,14 @@ sys.exit(any((i, m) not in done for i in cut for m in methods))" "$@"
     base=qwen-0.5b+1.5b-word_problems
     if done512 "$OUT/word_problems-cut.jsonl" "$OUT/$base-512.jsonl" "single:1;dlmom:explicit[consensus=contrastive]"
     then
-      echo "$base-pooled-512=$(parts $base "" -more -rest -512)@512"
+      pooled=$(parts $base "" -more -rest -512)
+      echo "$base-pooled-512=$pooled@512"
       next=()  # the qwen-next variants whose cut answers are all redone too
       for f in "$OUT/$base"-512-next-*.jsonl; do
         variant=${f#"$OUT/$base-512-next-"} variant=${variant%.jsonl}
         done512 "$OUT/word_problems-cut-next-$variant.jsonl" "$f" && next+=("$variant")
       done
-      [ ${#next[@]} = 0 ] || echo "$base-pooled-512-next=$(parts $base "" -more -rest -512)@512"
+      [ ${#next[@]} = 0 ] || echo "$base-pooled-512-next=$pooled@512"
       for variant in "${next[@]}"; do echo "$base-pooled-512-next=$(parts $base -next-"$variant" -512-next-"$variant")"; done
     fi
     true ;;
