@@ -122,7 +122,17 @@ def test_a_torn_last_line_is_redone(roles, gsm8k, tmp_path, monkeypatch):
 def test_other_settings_or_data_are_refused(roles, gsm8k, tmp_path):
     out = tmp_path / "out.jsonl"
     evaluate("gsm8k", gsm8k, roles, "single", out=out, max_new_tokens=3, config=CONFIG)
-    with pytest.raises(ValueError, match=r"out.jsonl, line 1: made with other settings"):
+    with pytest.raises(ValueError, match=r"out.jsonl, line 1: made with other settings \(max_new_tokens is 3 in "
+                                         r"the file, 4 in this run\)"):
+        evaluate("gsm8k", gsm8k, roles, "single", out=out, max_new_tokens=4, config=CONFIG)
+    other = dataclasses.replace(CONFIG, gate=0.5, top_k=CONFIG.top_k + 1)
+    with pytest.raises(ValueError, match=rf"\(config.gate is {CONFIG.gate} in the file, 0.5 in this run; config.top_k "
+                                         rf"is {CONFIG.top_k} in the file, {CONFIG.top_k + 1} in this run\)"):
+        evaluate("gsm8k", gsm8k, roles, "single", out=out, max_new_tokens=3, config=other)
+    # records written before they held their settings: the refusal names the two hashes
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "run"}) + "\n" for r in lines(out)))
+    with pytest.raises(ValueError, match=r"made with other settings \(settings [0-9a-f]{16} in the file, [0-9a-f]{16} "
+                                         r"in this run\)"):
         evaluate("gsm8k", gsm8k, roles, "single", out=out, max_new_tokens=4, config=CONFIG)
     changed = write_jsonl(tmp_path / "changed.jsonl", [{**GSM8K[0], "question": "Another question?"}])
     with pytest.raises(ValueError, match=r"item 'line-1' is another problem"):

@@ -53,18 +53,21 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
         items = read_items(task, items)
     experts = as_experts(getattr(experts, "experts", experts))
     methods = parse_methods(methods, experts=len(experts))
-    settings, legacy = (rec.settings_id({
+    run_settings, legacy_settings = ({
         "task": task, "prompts": PROMPT_VERSION, "config": _answer_settings(config), "max_new_tokens": max_new_tokens,
         "seed": seed, "expert": expert, "limits": dataclasses.asdict(limits) if task == "humaneval" else None,
-        "experts": [(e.name, e.system_prompt, _model_id(e, by_path)) for e in experts]}) for by_path in (False, True))
+        "experts": [(e.name, e.system_prompt, _model_id(e, by_path)) for e in experts]} for by_path in (False, True))
+    settings, legacy = rec.settings_id(run_settings), rec.settings_id(legacy_settings)
+    run_settings = rec.plain(run_settings)
     out = os.fspath(out) if out is not None else None
-    done = rec.read(out, settings=settings, also=legacy, items={i.id: i.fingerprint() for i in items}) if out else {}
+    done = rec.read(out, settings=settings, also=legacy, items={i.id: i.fingerprint() for i in items},
+                    run=run_settings) if out else {}
     writer = rec.Writer(out)
     if retry_errors and any(r.get("error") is not None for r in done.values()):
         done = {k: r for k, r in done.items() if r.get("error") is None}
         writer.rewrite(out, list(done.values()))
-    run = _Run(task, experts, methods, done, writer, settings, limits, config=config, max_new_tokens=max_new_tokens,
-               seed=seed, expert=expert)
+    run = _Run(task, experts, methods, done, writer, (settings, run_settings), limits, config=config,
+               max_new_tokens=max_new_tokens, seed=seed, expert=expert)
     try:
         run.loop(items, batch_size, progress=progress)
     finally:
@@ -115,7 +118,8 @@ class _Run:
 
     def __init__(self, task, experts, methods, done, writer, settings, limits, **generate):
         self.task, self.experts, self.methods, self.done = task, experts, methods, done
-        self.writer, self.settings, self.limits, self.generate = writer, settings, limits, generate
+        self.writer, self.limits, self.generate = writer, limits, generate
+        self.settings, self.run_settings = settings  # the hash and what it is made of
         # Running code takes a process start (~0.2 s): do it while the next batch generates.
         self.pool = concurrent.futures.ThreadPoolExecutor(2) if task == "humaneval" else None
         self.pending: list[tuple[dict, concurrent.futures.Future | dict]] = []
@@ -161,7 +165,7 @@ class _Run:
                       "reason": "error" if error else None, "error": error, "text": result.text if result else None,
                       "tokens": result.usage["tokens"] if result else None,
                       "wall_s": wall / len(items), "batch": len(items), "settings": self.settings,
-                      "item_sha": item.fingerprint()}
+                      "run": self.run_settings, "item_sha": item.fingerprint()}
             if result is not None:  # what the trace view and the findings read
                 record["usage"] = {k: result.usage[k] for k in _USAGE if k in result.usage}
                 if result.trace:

@@ -5,8 +5,9 @@ a number or text; None for code), ``reason`` (why it is wrong, None when right),
 raised while answering, None when there was none; the item then counts as wrong), ``text`` (the
 completion), ``tokens`` (tokens processed for this item by all experts: prefill + decode), ``wall_s`` (its
 share of its batch's wall time), ``batch`` (how many items that call answered), ``settings`` (a hash of the
-run's settings) and ``item_sha`` (a hash of the item). A resumed run reads the file back, keeps what is
-there and refuses a file made with other settings or other items under the same ids.
+run's settings), ``run`` (the settings that hash is made of; records written before it lack it) and
+``item_sha`` (a hash of the item). A resumed run reads the file back, keeps what is there and refuses a file
+made with other settings (naming the ones that differ) or other items under the same ids.
 """
 from __future__ import annotations
 
@@ -22,12 +23,30 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read(path: str, *, settings: str | None, items: dict[str, str], also: str | None = None
-         ) -> dict[tuple[str, str], dict]:
+def plain(settings: dict) -> dict:
+    """``settings`` as a record holds them (JSON types; what JSON cannot hold as its str)."""
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between two settings dicts (nested dicts by dotted key), one phrase each."""
+    out = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b = before.get(key, "(absent)"), now.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} is {json.dumps(a)} in the file, {json.dumps(b)} in this run")
+    return out
+
+
+def read(path: str, *, settings: str | None, items: dict[str, str], also: str | None = None,
+         run: dict | None = None) -> dict[tuple[str, str], dict]:
     """The records of ``path`` by (item, method), the last one winning; {} when there is no file.
     ``items``: id -> item_sha of this run's items (records of other ids are kept and ignored); ``settings``:
     this run's settings_id (None: not checked); ``also``: another id accepted as the same settings (the
-    same run's id as an earlier dlmom computed it). A last line cut short by an interruption is removed from
+    same run's id as an earlier dlmom computed it); ``run``: this run's settings (plain), to name what
+differs when a record holds other settings. A last line cut short by an interruption is removed from
     the file; any other bad line is a ValueError naming it."""
     if not os.path.exists(path):
         return {}
@@ -52,9 +71,11 @@ def read(path: str, *, settings: str | None, items: dict[str, str], also: str | 
             continue
         record = _record(path, number, raw)
         if settings is not None and record["settings"] not in (settings, also):
-            raise ValueError(f"{path}, line {number}: made with other settings (settings {record['settings']}, "
-                             f"this run {settings}): use another --out, or the same task, experts, methods' "
-                             f"settings, --max-new-tokens, --seed and sandbox limits")
+            changed = (differences(record["run"], run) if isinstance(record.get("run"), dict) and run is not None
+                       else [f"settings {record['settings']} in the file, {settings} in this run"])
+            raise ValueError(f"{path}, line {number}: made with other settings ({'; '.join(changed)}): use another "
+                             f"--out, or the same task, experts, methods' settings, --max-new-tokens, --seed and "
+                             f"sandbox limits")
         sha = items.get(record["item"])
         if sha is not None and sha != record["item_sha"]:
             raise ValueError(f"{path}, line {number}: item {record['item']!r} is another problem in this data file "
