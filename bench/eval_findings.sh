@@ -27,6 +27,10 @@ QWEN_METHODS="single:1,single:0,dlmom:explicit[gate=0.1],dlmom:explicit[consensu
 # The other two thirds: the strongest single and the default for this pair (contrastive). The gate ran on the
 # second third of the word problems and was dropped after it (0 wins, 3 losses against the 1.5B).
 QWEN_MORE_METHODS="single:1,dlmom:explicit[consensus=contrastive]"
+# The default for this pair, spelled out (the records pin the settings of their time: see PIN)
+QWEN_DEFAULT="dlmom:explicit[consensus=contrastive,gate=0.1]"
+
+budget() { case "$1" in *answers*) echo 96 ;; *-512|*-512-*) echo 512 ;; *) echo 256 ;; esac; }  # a run's, by its name
 
 third() {  # every 3rd dev item of a data/dev file from item $2 (0: the first third, 1: the second, 2: the last)
   local file="$OUT/$1-third$([ "$2" = 0 ] || echo "-$2").jsonl"
@@ -58,14 +62,21 @@ case "${1:-}" in
     qwen 1 "$QWEN_MORE_METHODS" "-more" ;;
   qwen-rest)  # the last third
     qwen 2 "$QWEN_MORE_METHODS" "-rest" ;;
-  qwen-test)  # the held-out split, for the final report only: the 1.5B alone and the default (not listed by `runs`:
-    # nothing is chosen by it)
-    for set in word_problems:gsm8k:256 answers:jsonl:96 functions:humaneval:256; do
+  qwen-test)  # the held-out split, for the final report only: the 1.5B alone and the default chosen on the dev sets
+    # (not listed by `runs`: nothing is chosen by it; `test-runs` lists it). Word problems with 512 tokens, the budget
+    # that cut no dev answer.
+    for set in word_problems:gsm8k:512 answers:jsonl:96 functions:humaneval:256; do
       IFS=: read -r name task budget <<< "$set"
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split test --experts "$QWEN05" "$QWEN15" \
-        --methods "$QWEN_MORE_METHODS" --batch-size 4 --max-new-tokens "$budget" --seed 0 \
-        --out "$OUT/qwen-0.5b+1.5b-$name-test.jsonl" --quiet $PIN
+        --methods "single:1,$QWEN_DEFAULT" --batch-size 4 --max-new-tokens "$budget" --seed 0 \
+        --out "$OUT/qwen-0.5b+1.5b-$name$([ "$budget" = 512 ] && echo -512)-test.jsonl" --quiet $PIN
     done ;;
+  test-runs)  # the held-out split's runs for eval_findings.py
+    for f in "$OUT"/qwen-*-test.jsonl; do
+      name=$(basename "$f" .jsonl)
+      [ -s "$f" ] && echo "$name=$f@$(budget "$name")"
+    done
+    true ;;
   qwen-budget)  # the dev word problems where the 1.5B alone or contrastive ran out of 256 tokens, again with 512; with
     # $2, a qwen-next variant's settings: where the 1.5B or that variant did, the variant again (the 1.5B's are done)
     base="$OUT/qwen-0.5b+1.5b-word_problems" mix="dlmom:explicit[consensus=contrastive${2:+,$2}]"
@@ -99,7 +110,6 @@ PY
       --methods "$QWEN_MORE_METHODS,single:0" --batch-size 4 --max-new-tokens 96 --seed 0 \
       --out "$OUT/qwen-0.5b+1.5b-answers.jsonl" --quiet $PIN ;;
   runs)  # NAME=RECORDS[,MORE][@BUDGET] for eval_findings.py, for every record file there is
-    budget() { case "$1" in *answers*) echo 96 ;; *-512) echo 512 ;; *) echo 256 ;; esac; }
     for f in "$OUT"/smollm2x3-*.jsonl "$OUT"/qwen-*.jsonl; do
       name=$(basename "$f" .jsonl)
       case "$name" in *-more|*-rest|*-next-*|*-test) continue ;; esac  # pooled or joined below; held out
@@ -147,5 +157,5 @@ sys.exit(any((i, m) not in done for i in cut for m in methods))" "$@"
       for variant in "${next[@]}"; do echo "$base-pooled-512-next=$(parts $base -next-"$variant" -512-next-"$variant")"; done
     fi
     true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget [SETTINGS]|qwen-next SETTINGS|runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget [SETTINGS]|qwen-next SETTINGS|runs|test-runs" >&2; exit 2 ;;
 esac
