@@ -64,9 +64,10 @@ case "${1:-}" in
     qwen 2 "$QWEN_MORE_METHODS" "-rest" ;;
   qwen-test)  # the held-out split, for the final report only: the 1.5B alone and the default chosen on the dev sets
     # (not listed by `runs`: nothing is chosen by it; `test-runs` lists it). Word problems with 512 tokens, the budget
-    # that cut no dev answer.
+    # that cut no dev answer. $2: the sets to run (comma-separated; default all three), so that two runs can share them
     for set in word_problems:gsm8k:512 answers:jsonl:96 functions:humaneval:256; do
       IFS=: read -r name task budget <<< "$set"
+      [[ ",${2:-word_problems,answers,functions}," == *",$name,"* ]] || continue
       .venv/bin/dlmom eval --task "$task" --data "data/dev/$name.jsonl" --split test --experts "$QWEN05" "$QWEN15" \
         --methods "single:1,$QWEN_DEFAULT" --batch-size 4 --max-new-tokens "$budget" --seed 0 \
         --out "$OUT/qwen-0.5b+1.5b-$name$([ "$budget" = 512 ] && echo -512)-test.jsonl" --quiet $PIN
@@ -157,5 +158,5 @@ sys.exit(any((i, m) not in done for i in cut for m in methods))" "$@"
       for variant in "${next[@]}"; do echo "$base-pooled-512-next=$(parts $base -next-"$variant" -512-next-"$variant")"; done
     fi
     true ;;
-  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test|qwen-budget [SETTINGS]|qwen-next SETTINGS|runs|test-runs" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_findings.sh smol|qwen|qwen-more|qwen-rest|qwen-answers|qwen-baselines|qwen-test [SETS]|qwen-budget [SETTINGS]|qwen-next SETTINGS|runs|test-runs" >&2; exit 2 ;;
 esac
