@@ -53,11 +53,12 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
         items = read_items(task, items)
     experts = as_experts(getattr(experts, "experts", experts))
     methods = parse_methods(methods, experts=len(experts))
-    run_settings, legacy_settings = (rec.plain({
+    run_settings, legacy_settings = ({
         "task": task, "prompts": PROMPT_VERSION, "config": _answer_settings(config), "max_new_tokens": max_new_tokens,
         "seed": seed, "expert": expert, "limits": dataclasses.asdict(limits) if task == "humaneval" else None,
-        "experts": [(e.name, e.system_prompt, _model_id(e, by_path)) for e in experts]}) for by_path in (False, True))
+        "experts": [(e.name, e.system_prompt, _model_id(e, by_path)) for e in experts]} for by_path in (False, True))
     settings, legacy = rec.settings_id(run_settings), rec.settings_id(legacy_settings)
+    run_settings = rec.plain(run_settings)
     out = os.fspath(out) if out is not None else None
     done = rec.read(out, settings=settings, also=legacy, items={i.id: i.fingerprint() for i in items},
                     run=run_settings) if out else {}
@@ -65,7 +66,7 @@ def evaluate(task: str, items, experts, methods, *, out: str | os.PathLike | Non
     if retry_errors and any(r.get("error") is not None for r in done.values()):
         done = {k: r for k, r in done.items() if r.get("error") is None}
         writer.rewrite(out, list(done.values()))
-    run = _Run(task, experts, methods, done, writer, settings, run_settings, limits, config=config,
+    run = _Run(task, experts, methods, done, writer, (settings, run_settings), limits, config=config,
                max_new_tokens=max_new_tokens, seed=seed, expert=expert)
     try:
         run.loop(items, batch_size, progress=progress)
@@ -115,10 +116,10 @@ def _model_id(expert, by_path: bool = False) -> str:
 class _Run:
     """One evaluation's state: the records by (item, method), the writer, the scoring worker, the clocks."""
 
-    def __init__(self, task, experts, methods, done, writer, settings, run_settings, limits, **generate):
+    def __init__(self, task, experts, methods, done, writer, settings, limits, **generate):
         self.task, self.experts, self.methods, self.done = task, experts, methods, done
         self.writer, self.limits, self.generate = writer, limits, generate
-        self.settings, self.run_settings = settings, run_settings  # the hash and what it is made of
+        self.settings, self.run_settings = settings  # the hash and what it is made of
         # Running code takes a process start (~0.2 s): do it while the next batch generates.
         self.pool = concurrent.futures.ThreadPoolExecutor(2) if task == "humaneval" else None
         self.pending: list[tuple[dict, concurrent.futures.Future | dict]] = []

@@ -19,8 +19,7 @@ _TYPES = {"item": str, "method": str, "correct": bool, "settings": str, "item_sh
 
 
 def settings_id(settings: dict) -> str:
-    """A short hash of the settings that make records comparable (task, experts, config, budget, seed, limits);
-    the same for ``settings`` and ``plain(settings)``."""
+    """A short hash of the settings that make records comparable (task, experts, config, budget, seed, limits)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -47,7 +46,7 @@ def read(path: str, *, settings: str | None, items: dict[str, str], also: str | 
     ``items``: id -> item_sha of this run's items (records of other ids are kept and ignored); ``settings``:
     this run's settings_id (None: not checked); ``also``: another id accepted as the same settings (the
     same run's id as an earlier dlmom computed it); ``run``: this run's settings (plain), to name what
-    differs when a record holds other settings. A last line cut short by an interruption is removed from
+differs when a record holds other settings. A last line cut short by an interruption is removed from
     the file; any other bad line is a ValueError naming it."""
     if not os.path.exists(path):
         return {}
